@@ -1,0 +1,20 @@
+"""timm_reduce: make timm vision transformers smaller by sharing, pruning and decomposing their MLPs."""
+__version__ = '0.1.0'
+
+from .errors import ReduceError, UnsupportedModelError
+from .spec import ReduceSpec
+from .registry import Strategy, get_strategy, list_strategies, register_strategy
+from .discovery import MlpSite, find_mlp_sites
+from .sharing import unique_parameters
+from .record import get_record
+from .api import materialize, reduce
+from .serialization import save_pretrained
+from .summary import format_summary, summary
+from . import strategies  # noqa: F401  (registers the built-in strategies)
+from . import entrypoint  # noqa: F401  (registers the `timm_reduce` timm model)
+
+__all__ = [
+    'ReduceError', 'ReduceSpec', 'MlpSite', 'Strategy', 'UnsupportedModelError', 'find_mlp_sites', 'format_summary',
+    'get_record', 'get_strategy', 'list_strategies', 'materialize', 'reduce', 'register_strategy', 'save_pretrained',
+    'summary', 'unique_parameters',
+]

@@ -1,0 +1,146 @@
+"""Strategy registry: name -> config dataclass + apply function. Third parties register their own."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from torch import nn
+
+from .errors import ReduceError
+
+__all__ = ['Strategy', 'register_strategy', 'get_strategy', 'list_strategies']
+
+ApplyFn = Callable[[nn.Module, list, Any], None]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered strategy.
+
+    Attributes:
+        name: registry key, e.g. `'grouped'`.
+        config_cls: dataclass of the options; `__post_init__` validates values.
+        apply: `apply(model, sites, config)` transforms `model` in place (sites from `discovery.find_mlp_sites`).
+        description: one line for `list_strategies` and the CLI.
+        creation_kwargs: optional `fn(config) -> dict` of timm kwargs that build the reduced shape directly
+            (e.g. `thin` -> `{'mlp_ratio': r}`), used when the strategy is the first step at creation time.
+    """
+
+    name: str
+    config_cls: type
+    apply: ApplyFn
+    description: str = ''
+    creation_kwargs: Callable[[Any], dict] | None = None
+
+    @property
+    def option_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config_cls)]
+
+    def make_config(self, options: Mapping[str, Any] | None = None) -> Any:
+        """Build the config from `options`, with a clear error for unknown names and wrong types."""
+        options = dict(options or {})
+        allowed = self.option_names
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ReduceError(
+                f'Unknown option(s) {", ".join(unknown)} for strategy {self.name!r}; allowed: {", ".join(allowed)}.')
+        hints = typing.get_type_hints(self.config_cls)
+        coerced = {k: _coerce(self.name, k, v, hints.get(k)) for k, v in options.items()}
+        return self.config_cls(**coerced)
+
+
+def _coerce(strategy: str, key: str, value: Any, hint: Any) -> Any:
+    """Accept what JSON or a command line gives for a typed field (2.0 for an int, 1 for a float)."""
+    if hint is None:
+        return value
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint)]
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for arg in options:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(strategy, key, value, arg)
+            except ReduceError as e:
+                errors.append(str(e))
+        raise ReduceError(f'Option {key}={value!r} of strategy {strategy!r} has the wrong type; expected {_name(hint)}.')
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ReduceError(f'Option {key}={value!r} of strategy {strategy!r} must be one of {", ".join(map(repr, choices))}.')
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ReduceError(f'Option {key}={value!r} of strategy {strategy!r} must be a list.')
+        args = typing.get_args(hint)
+        inner = args[0] if args else None
+        return [_coerce(strategy, key, v, inner) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ReduceError(f'Option {key}={value!r} of strategy {strategy!r} must be true or false.')
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ReduceError(f'Option {key}={value!r} of strategy {strategy!r} must be an integer.')
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ReduceError(f'Option {key}={value!r} of strategy {strategy!r} must be a number.')
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ReduceError(f'Option {key}={value!r} of strategy {strategy!r} must be a string.')
+        return value
+    return value
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, '__name__', None) or str(hint).replace('typing.', '')
+
+
+_STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(
+        name: str,
+        config_cls: type,
+        *,
+        description: str = '',
+        creation_kwargs: Callable[[Any], dict] | None = None,
+) -> Callable[[ApplyFn], ApplyFn]:
+    """Decorator registering `apply(model, sites, config)` as strategy `name` with options `config_cls`.
+
+    Example:
+        >>> @dataclass
+        ... class HalfConfig:
+        ...     pass
+        >>> @register_strategy('half', HalfConfig, description='...')
+        ... def apply_half(model, sites, config): ...
+    """
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f'config_cls for strategy {name!r} must be a dataclass, got {config_cls!r}.')
+
+    def decorator(fn: ApplyFn) -> ApplyFn:
+        if name in _STRATEGIES and _STRATEGIES[name].apply is not fn:
+            raise ReduceError(f'Strategy {name!r} is already registered.')
+        _STRATEGIES[name] = Strategy(name, config_cls, fn, description, creation_kwargs)
+        return fn
+
+    return decorator
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in _STRATEGIES:
+        raise ReduceError(f'Unknown strategy {name!r}; available: {", ".join(list_strategies())}.')
+    return _STRATEGIES[name]
+
+
+def list_strategies() -> list[str]:
+    """Names of the registered strategies, sorted."""
+    return sorted(_STRATEGIES)

@@ -1,0 +1,284 @@
+"""save_pretrained / loading: config.json + de-duplicated model.safetensors that timm's `local-dir:` and
+`hf-hub:` loaders rebuild exactly.
+
+Two formats:
+  * plain timm: a model timm can describe by itself (thin, uniform shallow, materialised) is saved with
+    `architecture = <base>` and `model_args` such as `mlp_ratio`; stock timm loads it without this plugin.
+  * timm_reduce: `architecture = 'timm_reduce'`, `model_args = {base, reduce: [specs], <base kwargs>}`. The
+    registered entrypoint rebuilds the reduced structure, then loads these weights strictly.
+Shared tensors are stored once; reduced modules may store themselves compactly by defining
+`encode_state_dict(prefix, state)` / `decode_state_dict(prefix, state)`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from . import __version__
+from .discovery import find_mlp_sites
+from .errors import ReduceError
+from .record import ReductionRecord, base_name, get_record
+from .sharing import alias_map, count_unique, tensor_identity
+
+__all__ = ['save_pretrained', 'encode_state', 'decode_state', 'load_reduced_state', 'plain_model_args',
+           'read_weights', 'WEIGHTS_NAME', 'CONFIG_NAME']
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+_DROP_ARGS = ('drop_rate', 'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate',
+              'patch_drop_rate', 'drop_block_rate', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
+
+
+def encode_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that are written to disk: each shared tensor once, reduced modules in their compact form."""
+    state = model.state_dict()
+    for alias in alias_map(state):
+        del state[alias]
+    for prefix, module in model.named_modules():
+        encode = getattr(module, 'encode_state_dict', None)
+        if callable(encode):
+            encode(f'{prefix}.' if prefix else '', state)
+    out, seen = {}, set()
+    for key, t in state.items():
+        t = t.detach().cpu()
+        # safetensors refuses tensors that share memory: give any remaining overlap its own copy
+        ident = t.untyped_storage().data_ptr()
+        t = t.contiguous() if ident not in seen else t.clone().contiguous()
+        seen.add(ident)
+        out[key] = t
+    return out
+
+
+def decode_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `encode_state` for a model with the same structure: a full state_dict for `load_state_dict`."""
+    state = dict(state)
+    for prefix, module in model.named_modules():
+        decode = getattr(module, 'decode_state_dict', None)
+        if callable(decode):
+            decode(f'{prefix}.' if prefix else '', state)
+    for alias, canonical in alias_map(model.state_dict()).items():
+        if alias not in state and canonical in state:
+            state[alias] = state[canonical]
+    return state
+
+
+def load_reduced_state(model: nn.Module, stored: dict[str, torch.Tensor], source: str = 'checkpoint') -> None:
+    """Load stored (encoded) weights strictly into a model rebuilt with the same reduction."""
+    state = decode_state(model, stored)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ReduceError(
+            f'The weights in {source} do not match the architecture rebuilt from its config: '
+            f'missing {missing[:5]}{" ..." if len(missing) > 5 else ""}, '
+            f'unexpected {unexpected[:5]}{" ..." if len(unexpected) > 5 else ""}.')
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ReduceError(f'The weights in {source} do not fit the rebuilt architecture: {e}') from e
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file without executing code: safetensors, or a torch checkpoint with `weights_only=True`.
+
+    timm training checkpoints (`{'state_dict': ..., 'state_dict_ema': ...}`) give their `state_dict`;
+    DDP `module.` prefixes are removed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise ReduceError(f'Checkpoint {path} does not exist.')
+    if path.suffix == '.safetensors':
+        state = safetensors.torch.load_file(str(path), device='cpu')
+    else:
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # pickles with code objects are refused by weights_only
+            raise ReduceError(f'Cannot read checkpoint {path} safely (weights_only=True): {e}') from e
+        if isinstance(state, dict):
+            for key in ('state_dict', 'model', 'module'):
+                if key in state and isinstance(state[key], dict):
+                    state = state[key]
+                    break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ReduceError(f'Checkpoint {path} does not hold a state_dict of tensors.')
+    if state and all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    return state
+
+
+def _clean_args(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if k not in _DROP_ARGS and not k.endswith('_drop_rate')}
+
+
+def _shape_signature(model: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def plain_model_args(model: nn.Module) -> dict[str, Any] | None:
+    """timm kwargs that rebuild `model` exactly with stock timm (e.g. `{'mlp_ratio': 2.0, ...}`), or None.
+
+    Only models without shared tensors or custom layers qualify; the answer is checked by building the
+    candidate on the meta device and comparing every tensor shape.
+    """
+    import timm
+
+    record = get_record(model)
+    base = base_name(model)
+    if base is None or alias_map(model.state_dict()):
+        return None
+    args = _clean_args(dict(record.base_args if record else getattr(model, '_model_args', {}) or {}))
+    sites = find_mlp_sites(model)
+    if any(type(m).__module__.startswith('timm_reduce') for m in model.modules()):
+        return None
+    if record is not None and record.recipe:
+        widths = {s.mlp.fc2.in_features / s.mlp.fc2.out_features for s in sites}
+        if len(widths) != 1:
+            return None
+        args['mlp_ratio'] = widths.pop()
+    args.update(_current_traits(model))
+    try:
+        with torch.device('meta'):
+            candidate = timm.create_model(base, pretrained=False, **args)
+    except Exception:  # the base does not take these kwargs
+        return None
+    return args if _shape_signature(candidate) == _shape_signature(model) else None
+
+
+def _current_traits(model: nn.Module) -> dict[str, Any]:
+    from timm.models import get_model_traits
+
+    traits = get_model_traits(model)
+    out = {k: traits[k] for k in ('num_classes', 'in_chans') if k in traits}
+    if traits.get('img_size') is not None:
+        out['img_size'] = list(traits['img_size'])
+    return out
+
+
+def _config(model: nn.Module, architecture: str, model_args: dict[str, Any], extra: dict[str, Any]) -> dict:
+    """A config.json in timm's format (timm's own exporter writes the data/pretrained part)."""
+    from timm.models._hub import save_config_for_hf
+
+    saved_args = getattr(model, '_model_args', None)
+    model._model_args = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / CONFIG_NAME
+            save_config_for_hf(model, str(path))
+            config = json.loads(path.read_text())
+    finally:
+        if saved_args is None:
+            del model._model_args
+        else:
+            model._model_args = saved_args
+    config['architecture'] = architecture
+    config['model_args'] = model_args
+    config.update(extra)
+    return config
+
+
+def _atomic_write(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Write every file to a temporary name first; only when all succeeded, move them into place."""
+    directory.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, Path] = {}
+    try:
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=directory)
+            os.close(fd)
+            temps[name] = Path(tmp)
+            write(temps[name])
+        for name, tmp in temps.items():
+            os.replace(tmp, directory / name)
+        temps.clear()
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def recipe_block(model: nn.Module) -> dict[str, Any]:
+    """The informational `timm_reduce` block of config.json (timm ignores it)."""
+    import timm
+
+    record = get_record(model)
+    block = {'version': __version__, 'timm_version': timm.__version__, 'torch_version': torch.__version__,
+             'unique_params': count_unique(model)}
+    if record is not None:
+        block.update(base=record.base, recipe=[s.to_dict() for s in record.recipe],
+                     params_before=record.params_before, mlp_params_before=record.mlp_params_before)
+    return block
+
+
+def save_pretrained(
+        model: nn.Module,
+        save_directory: str | os.PathLike,
+        *,
+        dense: bool = False,
+        metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save `model` as `config.json` + `model.safetensors`, loadable with `timm.create_model('local-dir:DIR')`.
+
+    Args:
+        model: a timm model, reduced or not.
+        save_directory: created if needed; other files in it are left alone. Files are replaced only once all new
+            files are written, so a failed save leaves a previous save intact.
+        dense: save a plain timm model (`materialize(model)`) that stock timm loads without timm_reduce.
+        metadata: extra JSON-able fields for the `timm_reduce` block of config.json (e.g. accuracy, data).
+
+    Returns:
+        The directory path.
+    """
+    from .api import materialize
+
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise ReduceError(f'Cannot save to {directory}: it exists and is not a directory.')
+    for p in model.parameters():
+        if not torch.isfinite(p).all():
+            raise ReduceError('Refusing to save: the model has NaN or infinite weights.')
+    if dense:
+        model = materialize(model)
+    base = base_name(model)
+    if base is None:
+        raise ReduceError('Cannot tell which timm architecture this model is (no pretrained_cfg["architecture"]); '
+                          'create it with timm.create_model.')
+    plain_args = plain_model_args(model)
+    record = get_record(model)
+    extra = {'timm_reduce': {**recipe_block(model), **(metadata or {})}}
+    if plain_args is not None:
+        config = _config(model, base, plain_args, extra)
+    elif dense:
+        raise ReduceError('dense=True: this model has per-block MLP widths that plain timm model_args cannot '
+                          'describe; save it without dense=True (loads with timm_reduce installed).')
+    else:
+        model_args = {'base': base, 'reduce': [s.to_dict() for s in record.recipe],
+                      **_clean_args(record.base_args), **_current_traits(model)}
+        config = _config(model, 'timm_reduce', model_args, extra)
+    state = encode_state(model)
+    text = json.dumps(config, indent=2, default=_json_default)
+    _atomic_write(directory, {
+        WEIGHTS_NAME: lambda p: safetensors.torch.save_file(state, str(p), metadata={'format': 'pt'}),
+        CONFIG_NAME: lambda p: p.write_text(text),
+    })
+    _logger.info(f'Saved {type(model).__name__} ({"plain timm" if plain_args is not None else "timm_reduce"} '
+                 f'format) to {directory}')
+    return directory
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f'{type(value).__name__} is not JSON serialisable')

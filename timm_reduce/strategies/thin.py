@@ -1,0 +1,45 @@
+"""ThinMLP: a smaller `mlp_ratio` for every block, trained from scratch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import ReduceError
+from ..hidden_units import rebuild_units
+from ..registry import register_strategy
+
+
+@dataclass
+class ThinConfig:
+    """Options of `thin`.
+
+    Attributes:
+        mlp_ratio: hidden width / embedding width of every MLP (> 0). 2.0 halves a ViT's usual 4.0.
+    """
+
+    mlp_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.mlp_ratio > 0:
+            raise ReduceError(f'thin: mlp_ratio must be > 0, got {self.mlp_ratio}.')
+
+
+def _creation_kwargs(config: ThinConfig) -> dict:
+    return {'mlp_ratio': config.mlp_ratio}
+
+
+@register_strategy('thin', ThinConfig, description='smaller mlp_ratio; from scratch (weights re-initialised)',
+                   creation_kwargs=_creation_kwargs)
+def apply_thin(model: nn.Module, sites: list, config: ThinConfig) -> None:
+    """Rebuild every MLP at `int(dim * mlp_ratio)` hidden units.
+
+    At creation time (`timm.create_model('timm_reduce', base=..., reduce='thin:mlp_ratio=2')`) timm builds the
+    thin model itself. On an existing model the MLPs are rebuilt with fresh weights (truncated normal, std 0.02,
+    zero bias, timm's ViT default): thin is a from-scratch strategy, the old MLP weights are discarded.
+    """
+    for site in sites:
+        units = int(site.mlp.fc2.out_features * config.mlp_ratio)
+        if units < 1:
+            raise ReduceError(f'thin: mlp_ratio={config.mlp_ratio} leaves block {site.path} with no hidden units.')
+        rebuild_units(site.mlp, units)

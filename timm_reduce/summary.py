@@ -1,0 +1,118 @@
+"""summary(): parameters, unique parameters, MLP parameters before/after, bytes at rest, MACs, per-block table."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import mlp_unique_params
+from .discovery import find_mlp_sites, mlp_kind
+from .record import base_name, get_record
+from .serialization import encode_state
+from .sharing import count_unique
+
+__all__ = ['summary', 'format_summary', 'count_macs', 'model_input_size']
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model takes now (after any img_size override), from timm's model traits."""
+    from timm.models import get_model_input_config
+
+    return tuple(get_model_input_config(model)['input_size'])
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, ...] | None = None) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (matmuls, convolutions, attention), via FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if input_size is None:
+        input_size = model_input_size(model)
+    param = next(model.parameters())
+    x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, macs: bool = True) -> dict[str, Any]:
+    """Size and cost of a (reduced) timm model.
+
+    Returns a dict with:
+        params: parameters as the forward pass uses them (a shared tensor counted once per use);
+        unique_params: parameters stored (shared tensors once);
+        params_before / mlp_params_before: of the dense model before reduction (equal to now if never reduced);
+        mlp_params: unique parameters of the block MLPs now;
+        bytes: tensor bytes of the saved form (model.safetensors without its small JSON header);
+        macs: multiply-accumulates of one image at `input_size` (default: the model's data config);
+        recipe: the reductions applied; blocks: one row per block (path, kind, hidden units, params, group).
+    """
+    record = get_record(model)
+    params = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    sites = find_mlp_sites(model)
+    owner: dict[int, int] = {}
+    blocks = []
+    for site in sites:
+        mlp = site.mlp
+        group = owner.setdefault(id(mlp), site.index)
+        blocks.append({
+            'index': site.index,
+            'path': site.path,
+            'kind': mlp_kind(mlp),
+            'type': type(mlp).__name__,
+            'hidden': mlp.fc2.in_features,
+            'params': sum(p.numel() for p in mlp.parameters()),
+            'shared_with': group if group != site.index else None,
+        })
+    mlp_now = mlp_unique_params(model)
+    info = {
+        'model': type(model).__name__,
+        'base': base_name(model),
+        'recipe': [str(s) for s in record.recipe] if record else [],
+        'params': params,
+        'unique_params': count_unique(model),
+        'params_before': record.params_before if record else params,
+        'mlp_params_before': record.mlp_params_before if record else mlp_now,
+        'mlp_params': mlp_now,
+        'bytes': sum(t.numel() * t.element_size() for t in encode_state(model).values()),
+        'blocks': blocks,
+    }
+    if macs:
+        info['macs'] = count_macs(model, input_size)
+    return info
+
+
+def _human(n: float, unit: str = '') -> str:
+    for suffix in ('', 'K', 'M', 'G', 'T'):
+        if abs(n) < 1000:
+            return f'{n:.3g}{suffix}{unit}' if suffix else f'{n:,.0f}{unit}'
+        n /= 1000
+    return f'{n:.3g}P{unit}'
+
+
+def format_summary(info: dict[str, Any], blocks: bool = True) -> str:
+    """A readable text table of `summary()`."""
+    mb = info['bytes'] / 2 ** 20
+    before, mlp_before = info['params_before'], info['mlp_params_before']
+    lines = [
+        f"model          {info['model']} (base: {info['base']})",
+        f"recipe         {' -> '.join(info['recipe']) or '(not reduced)'}",
+        f"params         {info['params']:,} (as used in the forward pass)",
+        f"unique params  {info['unique_params']:,} ({info['unique_params'] / before:.1%} of {before:,})",
+        f"MLP params     {info['mlp_params']:,} ({info['mlp_params'] / mlp_before:.1%} of {mlp_before:,})",
+        f"bytes at rest  {info['bytes']:,} ({mb:.2f} MiB)",
+    ]
+    if 'macs' in info:
+        lines.append(f"MACs           {_human(info['macs'])} per image")
+    if blocks:
+        lines.append('')
+        lines.append(f"{'block':<22} {'mlp':<10} {'hidden':>7} {'params':>12}  shared with")
+        for b in info['blocks']:
+            shared = f"block {b['shared_with']}" if b['shared_with'] is not None else ''
+            lines.append(f"{b['path']:<22} {b['type']:<10} {b['hidden']:>7} {b['params']:>12,}  {shared}")
+    return '\n'.join(lines)
