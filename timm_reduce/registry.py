@@ -27,6 +27,8 @@ class Strategy:
         description: one line for `list_strategies` and the CLI.
         creation_kwargs: optional `fn(config) -> dict` of timm kwargs that build the reduced shape directly
             (e.g. `thin` -> `{'mlp_ratio': r}`), used when the strategy is the first step at creation time.
+        calibration_hooks: optional `fn(model, config) -> hooks` giving the calibration engine per-step hooks
+            (e.g. FiPS sparsity masks); None means plain block-wise calibration.
     """
 
     name: str
@@ -34,6 +36,7 @@ class Strategy:
     apply: ApplyFn
     description: str = ''
     creation_kwargs: Callable[[Any], dict] | None = None
+    calibration_hooks: Callable[[nn.Module, Any], Any] | None = None
 
     @property
     def option_names(self) -> list[str]:
@@ -113,6 +116,7 @@ def register_strategy(
         *,
         description: str = '',
         creation_kwargs: Callable[[Any], dict] | None = None,
+        calibration_hooks: Callable[[nn.Module, Any], Any] | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator registering `apply(model, sites, config)` as strategy `name` with options `config_cls`.
 
@@ -129,7 +133,7 @@ def register_strategy(
     def decorator(fn: ApplyFn) -> ApplyFn:
         if name in _STRATEGIES and _STRATEGIES[name].apply is not fn:
             raise ReduceError(f'Strategy {name!r} is already registered.')
-        _STRATEGIES[name] = Strategy(name, config_cls, fn, description, creation_kwargs)
+        _STRATEGIES[name] = Strategy(name, config_cls, fn, description, creation_kwargs, calibration_hooks)
         return fn
 
     return decorator

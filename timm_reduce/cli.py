@@ -1,0 +1,42 @@
+"""The `timm-reduce` command. Subcommands live in `timm_reduce/commands/`, one module each, discovered here."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+from . import __version__, commands
+from .errors import ReduceError
+
+__all__ = ['main', 'build_parser']
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='timm-reduce', description='Make timm vision transformers smaller: share, prune and decompose MLPs.')
+    parser.add_argument('--version', action='version', version=f'timm_reduce {__version__}')
+    parser.add_argument('-v', '--verbose', action='store_true', help='log at INFO level')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f'{commands.__name__}.{info.name}')
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(levelname)s %(message)s')
+    try:
+        return int(args.func(args) or 0)
+    except (ReduceError, FileNotFoundError) as e:
+        print(f'timm-reduce {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'timm-reduce {args.command}: interrupted', file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())
