@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('-v', '--verbose', action='store_true', help='log at INFO level')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith('_'):
+            continue
         module = importlib.import_module(f'{commands.__name__}.{info.name}')
         module.add_parser(sub)
     return parser

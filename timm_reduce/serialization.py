@@ -40,8 +40,11 @@ _DROP_ARGS = ('drop_rate', 'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate',
               'patch_drop_rate', 'drop_block_rate', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
 
 
-def encode_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that are written to disk: each shared tensor once, reduced modules in their compact form."""
+def encode_state(model: nn.Module, for_disk: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors that are written to disk: each shared tensor once, reduced modules in their compact form.
+
+    With `for_disk=False` tensors stay where they are (also on the meta device): enough to count bytes.
+    """
     state = model.state_dict()
     for alias in alias_map(state):
         del state[alias]
@@ -49,6 +52,8 @@ def encode_state(model: nn.Module) -> dict[str, torch.Tensor]:
         encode = getattr(module, 'encode_state_dict', None)
         if callable(encode):
             encode(f'{prefix}.' if prefix else '', state)
+    if not for_disk:
+        return state
     out, seen = {}, set()
     for key, t in state.items():
         t = t.detach().cpu()

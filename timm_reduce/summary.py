@@ -79,7 +79,7 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, macs: b
         'params_before': record.params_before if record else params,
         'mlp_params_before': record.mlp_params_before if record else mlp_now,
         'mlp_params': mlp_now,
-        'bytes': sum(t.numel() * t.element_size() for t in encode_state(model).values()),
+        'bytes': sum(t.numel() * t.element_size() for t in encode_state(model, for_disk=False).values()),
         'blocks': blocks,
     }
     if macs:
