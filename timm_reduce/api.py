@@ -90,12 +90,13 @@ def materialize(model: nn.Module) -> nn.Module:
     """
     dense = copy.deepcopy(model)
     seen_modules: set[int] = set()
+    copied: list[str] = []
     for path, module in list(dense.named_modules(remove_duplicate=False)):
-        if not path:
-            continue
+        if not path or any(path.startswith(f'{c}.') for c in copied):
+            continue  # inside a module that was just copied whole
         if id(module) in seen_modules:
-            module = copy.deepcopy(module)
-            _replace_child(dense, path, module)
+            _replace_child(dense, path, copy.deepcopy(module))
+            copied.append(path)
         seen_modules.add(id(module))
     for path, module in list(dense.named_modules()):
         if path and callable(getattr(module, 'materialize', None)):

@@ -6,6 +6,8 @@ hidden-sized `mlp.norm` (scale_mlp_norm) is cut together with the units.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -62,7 +64,7 @@ def _slice_norm(norm: nn.Module, index: torch.Tensor, h: int) -> nn.Module:
     params = dict(norm.named_parameters(recurse=False))
     if not any(p.shape[:1] == (h,) for p in params.values()):
         return norm
-    new = __import__('copy').deepcopy(norm)
+    new = copy.deepcopy(norm)
     for name, p in params.items():
         if p.shape[:1] == (h,):
             setattr(new, name, nn.Parameter(p.detach()[index].clone(), requires_grad=p.requires_grad))

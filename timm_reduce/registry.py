@@ -61,17 +61,16 @@ def _coerce(strategy: str, key: str, value: Any, hint: Any) -> Any:
         return value
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint)]
+        options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
         for arg in options:
             if arg is type(None):
                 continue
             try:
                 return _coerce(strategy, key, value, arg)
-            except ReduceError as e:
-                errors.append(str(e))
+            except ReduceError:
+                continue
         raise ReduceError(f'Option {key}={value!r} of strategy {strategy!r} has the wrong type; expected {_name(hint)}.')
     if origin is typing.Literal:
         choices = typing.get_args(hint)

@@ -14,11 +14,10 @@ SPEC_FORMAT = 1
 
 def parse_value(text: str) -> Any:
     """Parse an option value typed on a command line: JSON where it is JSON (`2`, `0.5`, `[1,2]`, `true`), else the text."""
-    lowered = text.strip()
-    if lowered in ('True', 'False', 'None'):
-        lowered = {'True': 'true', 'False': 'false', 'None': 'null'}[lowered]
+    stripped = text.strip()
+    stripped = {'True': 'true', 'False': 'false', 'None': 'null'}.get(stripped, stripped)
     try:
-        return json.loads(lowered)
+        return json.loads(stripped)
     except json.JSONDecodeError:
         return text
 
