@@ -60,14 +60,17 @@ def load_digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
     return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int) -> None:
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int,
+           desc: str = 'train') -> None:
+    from tqdm import tqdm
+
     g = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     steps = epochs * ((len(y) + 63) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
     model.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc=desc, unit='epoch', leave=False):
         for idx in torch.randperm(len(y), generator=g).split(64):
             loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
@@ -119,18 +122,18 @@ def run_demo(epochs: int = 30, seed: int = 0, print_fn=print) -> list[DemoRow]:
 
     start = time.perf_counter()
     base = timm.create_model(MODEL, **MODEL_KWARGS)
-    _train(base, xt, yt, epochs, 3e-3, seed)
+    _train(base, xt, yt, epochs, 3e-3, seed, 'original')
     row('original', base, time.perf_counter() - start)
     for name, spec, finetune, scratch in PLAN:
         start = time.perf_counter()
         if scratch:
             torch.manual_seed(seed)
             model = timm.create_model('timm_reduce', base=MODEL, reduce=spec, **MODEL_KWARGS)
-            _train(model, xt, yt, epochs, 3e-3, seed)
+            _train(model, xt, yt, epochs, 3e-3, seed, name)
         else:
             model = reduce(copy.deepcopy(base), spec)
             if finetune:
-                _train(model, xt, yt, finetune, 5e-4, seed)
+                _train(model, xt, yt, finetune, 5e-4, seed, name)
         row(name, model, time.perf_counter() - start)
     print_fn(format_table(rows))
     return rows
