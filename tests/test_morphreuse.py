@@ -67,7 +67,8 @@ def vit_b_meta() -> nn.Module:
     ({'scale': 'channel'}, VIT_B_NON_MLP + (3072 * 768 + 3072) + (768 * 3072 + 768) + 12 * (3072 + 768)),
     # groups of 4 blocks: 3 banks each
     ({'scope': 'group', 'group_size': 4}, VIT_B_NON_MLP + 3 * ((3072 * 768 + 3072) + (768 * 3072 + 768)) + 12 * 2),
-    # core c = 128, core hidden k = 320: per block 2·d·c projections; one core 2·c·k + k (b1) + 2k (LN) + c (b2) + 1 (s)
+    # core c = 128, core hidden k = 320: per block 2·d·c projections;
+    # one core: 2·c·k (W1, W2) + k (b1) + 2k (LN) + c (b2) + 1 (s)
     ({'variant': 'core'}, VIT_B_NON_MLP + 12 * 2 * 768 * 128 + (2 * 128 * 320 + 320 + 2 * 320 + 128 + 1)),
 ])
 def test_vit_b_closed_form_counts(options: dict, expected: int) -> None:
@@ -185,6 +186,18 @@ def test_copies_keep_sharing(how: str, variant: str) -> None:
         assert clone.blocks[3].mlp.core.fc1.weight.data_ptr() == param.data_ptr()
     else:
         assert clone.blocks[3].mlp.fc1.bank.weight.data_ptr() == param.data_ptr()
+
+
+def test_sharing_survives_assign_load_and_dtype_moves() -> None:
+    model = reduce(tiny_vit(), 'morphreuse')
+    source = reduce(tiny_vit(7), 'morphreuse')
+    model.load_state_dict(source.state_dict(), assign=True)  # replaces the Parameter objects of the owner's bank
+    assert model.blocks[3].mlp.fc2.bank.weight is model.blocks[0].mlp.fc2.bank.weight
+    x = images()
+    torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+    model.double()
+    assert model.blocks[2].mlp.fc1.bank.weight.dtype == torch.float64
+    assert model(x.double()).dtype == torch.float64
 
 
 def test_ema_lerps_shared_tensor_once() -> None:
@@ -341,6 +354,28 @@ def test_materialize_exact(make, tmp_path) -> None:
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('layer, banks, expected_mlp', [
+    # SwiGLU: fc1_g and fc1_x (d -> h) get a bank each, fc2 (h -> d) one; channel scales h + h + d per block
+    ('SwiGLU', 3, 2 * (128 * 32 + 128) + (32 * 128 + 32) + 4 * (128 + 128 + 32)),
+    # GluMlp: packed fc1 (d -> 2·(h/2)) is one bank, fc2 takes h/2 = 64 inputs; scales 128 + 32 per block
+    ('GluMlp', 2, (128 * 32 + 128) + (32 * 64 + 32) + 4 * (128 + 32)),
+])
+def test_gated_mlps(layer: str, banks: int, expected_mlp: int) -> None:
+    import timm.layers
+
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                              num_classes=5, mlp_layer=getattr(timm.layers, layer))
+    non_mlp = count_unique(model) - mlp_unique_params(model)
+    reduce(model, 'morphreuse', scale='channel')
+    users = [m for m in model.modules() if isinstance(m, MorphLinear)]
+    assert len(users) == 4 * banks and len({id(m.bank) for m in users}) == banks
+    assert mlp_unique_params(model) == expected_mlp and count_unique(model) == non_mlp + expected_mlp
+    perturb_(model)
+    x = images()
+    torch.testing.assert_close(materialize(model)(x), model(x), rtol=0, atol=0)
+
+
 def test_materialize_core_variant_is_refused() -> None:
     model = reduce(tiny_vit(), 'morphreuse', variant='core', core_dim=8)
     with pytest.raises(ReduceError, match="'core' variant has no plain-timm form"):
@@ -396,6 +431,11 @@ def test_spec_text_and_grouped_then_morphreuse() -> None:
         (128 * 32 + 128) + (32 * 128 + 32) + 2 * 2)  # 2 unique MLPs, 2 scalars each
 
 
+@pytest.fixture(scope='module')
+def shared_vit() -> nn.Module:
+    return tiny_vit()
+
+
 @pytest.mark.parametrize('options, message', [
     ({'variant': 'lora'}, "variant='lora'"),
     ({'scale': 'vector'}, "scale='vector' is not allowed; choose one of 'scalar', 'channel'"),
@@ -413,10 +453,11 @@ def test_spec_text_and_grouped_then_morphreuse() -> None:
     ({'init': 'zeros'}, "init='zeros' is not allowed"),
     ({'ranks': 4}, "Unknown option(s) ranks for strategy 'morphreuse'"),
 ])
-def test_bad_options(options: dict, message: str) -> None:
+def test_bad_options(options: dict, message: str, shared_vit: nn.Module) -> None:
     with pytest.raises(ReduceError) as info:
-        reduce(tiny_vit(), 'morphreuse', **options)
+        reduce(shared_vit, 'morphreuse', **options)
     assert message in str(info.value)
+    assert not any(isinstance(m, MorphLinear) for m in shared_vit.modules())  # refused before any change
 
 
 def test_reduce_twice_is_refused() -> None:

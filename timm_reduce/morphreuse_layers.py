@@ -199,10 +199,10 @@ class MorphCoreMlp(_SharedUser):
 
     def materialize(self) -> nn.Module:
         raise ReduceError(
-            "materialize: the MorphReuse 'core' variant has no plain-timm form (its blocks compute "
-            'out_proj(core(in_proj(x))) with a LayerNorm before the GELU and a gated residual, which timm\'s Mlp cannot '
-            "express). Keep the timm_reduce model (save_pretrained without dense=True), or use variant='shape', "
-            'which materialises to ordinary nn.Linear layers.')
+            "materialize: the MorphReuse 'core' variant has no plain-timm form (its blocks compute fc2(core(fc1(x))), "
+            "a core with a LayerNorm before the GELU and a gated residual, which timm's Mlp cannot express). Keep the "
+            "timm_reduce model (save_pretrained without dense=True), or use variant='shape', which materialises to "
+            'ordinary nn.Linear layers.')
 
     def extra_repr(self) -> str:
         role = 'owner' if self.is_owner else 'user'
