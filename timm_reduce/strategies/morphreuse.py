@@ -32,6 +32,7 @@ _SCALES = ('scalar', 'channel')
 _INITS = ('mean', 'first')
 _SCALE_INITS = ('lstsq', 'ones')
 _TRAIN = {'shape': ('all', 'scales', 'shared'), 'core': ('all', 'adapters', 'core')}
+_CORE_DEFAULTS = {'core_dim': 128, 'expand': 2.5, 'alpha_init': -3.0}  # the seed's core
 _SHAPE_ONLY = ('scale', 'init', 'scale_init')
 _CORE_ONLY = ('core_dim', 'expand', 'alpha_init')
 
@@ -114,11 +115,15 @@ class MorphReuseConfig:
 
     @property
     def core_width(self) -> int:
-        return 128 if self.core_dim is None else self.core_dim
+        return _CORE_DEFAULTS['core_dim'] if self.core_dim is None else self.core_dim
 
     @property
     def core_hidden(self) -> int:
-        return int(round(self.core_width * (2.5 if self.expand is None else self.expand)))
+        return int(round(self.core_width * (_CORE_DEFAULTS['expand'] if self.expand is None else self.expand)))
+
+    @property
+    def core_alpha(self) -> float:
+        return _CORE_DEFAULTS['alpha_init'] if self.alpha_init is None else float(self.alpha_init)
 
 
 def _choice(name: str, value: str | None, allowed: tuple[str, ...], where: str = '') -> None:
@@ -216,8 +221,7 @@ def _attach_core(sites: list, group: list[int], config: MorphReuseConfig) -> lis
     """Replace every MLP of the group by projections around one new shared core, in place."""
     first = sites[group[0]].mlp
     ref = first.fc2.weight
-    core = SharedCore(config.core_width, config.core_hidden, -3.0 if config.alpha_init is None else config.alpha_init,
-                      device=ref.device, dtype=ref.dtype)
+    core = SharedCore(config.core_width, config.core_hidden, config.core_alpha, device=ref.device, dtype=ref.dtype)
     replaced: dict[int, MorphCoreMlp] = {}
     for i in group:
         mlp = sites[i].mlp
