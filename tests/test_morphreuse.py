@@ -172,20 +172,24 @@ def test_two_models_are_independent() -> None:
 def test_copies_keep_sharing(how: str, variant: str) -> None:
     model = reduce(tiny_vit(), 'morphreuse', variant=variant, **({'core_dim': 16} if variant == 'core' else {}))
     clone = copy.deepcopy(model) if how == 'deepcopy' else pickle.loads(pickle.dumps(model))
-    shared = lambda m: {id(s.mlp.fc1.shared_module if variant == 'shape' else s.mlp.shared_module)  # noqa: E731
-                        for s in timm_reduce.find_mlp_sites(m)}
-    assert len(shared(clone)) == 1 and not shared(clone) & shared(model)
+
+    def users(m: nn.Module) -> list:
+        return [s.mlp.fc1 if variant == 'shape' else s.mlp for s in timm_reduce.find_mlp_sites(m)]
+
+    shared_clone = {id(u.shared_module) for u in users(clone)}
+    assert len(shared_clone) == 1 and not shared_clone & {id(u.shared_module) for u in users(model)}
     assert count_unique(clone) == count_unique(model)
     x = images()
-    torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
-    with torch.no_grad():  # a change through the owner reaches every user of the clone, not the original
-        param = next(iter(timm_reduce.find_mlp_sites(clone)[0].mlp.fc1.shared_module.parameters())) \
-            if variant == 'shape' else clone.blocks[0].mlp.core.fc1.weight
-        param.mul_(2.0)
-    if variant == 'core':
-        assert clone.blocks[3].mlp.core.fc1.weight.data_ptr() == param.data_ptr()
-    else:
-        assert clone.blocks[3].mlp.fc1.bank.weight.data_ptr() == param.data_ptr()
+    before = model(x)
+    torch.testing.assert_close(clone(x), before, rtol=0, atol=0)
+    last, tokens = users(clone)[-1], torch.randn(3, 32)
+    last_before = last(tokens)
+    with torch.no_grad():  # a change made through the owner reaches the last user of the clone, not the original
+        for p in users(clone)[0].shared_module.parameters():
+            p.add_(0.5)
+    assert not torch.equal(last(tokens), last_before)
+    assert not torch.equal(clone(x), before)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
 def test_sharing_survives_assign_load_and_dtype_moves() -> None:
