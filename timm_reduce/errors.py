@@ -1,6 +1,6 @@
 """Exceptions raised by timm_reduce."""
 
-__all__ = ['ReduceError', 'UnsupportedModelError']
+__all__ = ['HubError', 'ReduceError', 'UnsupportedModelError']
 
 
 class ReduceError(ValueError):
@@ -9,3 +9,7 @@ class ReduceError(ValueError):
 
 class UnsupportedModelError(ReduceError):
     """The model has no MLP blocks that timm_reduce knows how to transform."""
+
+
+class HubError(ReduceError):
+    """A Hugging Face Hub operation failed or was refused (invalid repo id, no token, network failure)."""

@@ -212,6 +212,23 @@ def _atomic_write(directory: Path, writers: dict[str, Callable[[Path], None]]) -
             tmp.unlink(missing_ok=True)
 
 
+def _dense_size(record: ReductionRecord, dtype: torch.dtype) -> dict[str, int]:
+    """Unique params and tensor bytes of the dense base before reduction, built on the meta device (no memory)."""
+    import timm
+
+    try:
+        with torch.device('meta'):
+            dense = timm.create_model(record.base, pretrained=False, **_clean_args(record.base_args))
+    except Exception as e:  # the card then shows n/a; the weights are unaffected
+        _logger.warning(f'Could not rebuild the dense base {record.base!r} to measure it: {e}')
+        return {}
+    state = dense.state_dict(keep_vars=True)
+    tensors = {id(t): t for t in state.values()}.values()
+    return {'unique_params_before': sum(p.numel() for p in dense.parameters()),
+            'bytes_before': sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+                                for t in tensors)}
+
+
 def recipe_block(model: nn.Module) -> dict[str, Any]:
     """The informational `timm_reduce` block of config.json (timm ignores it)."""
     import timm
@@ -222,7 +239,24 @@ def recipe_block(model: nn.Module) -> dict[str, Any]:
     if record is not None:
         block.update(base=record.base, recipe=[s.to_dict() for s in record.recipe],
                      params_before=record.params_before, mlp_params_before=record.mlp_params_before)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        block.update(_dense_size(record, dtype))
     return block
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    from .card import BLOCK_KEYS
+
+    metadata = dict(metadata or {})
+    reserved = sorted(set(metadata) & set(BLOCK_KEYS))
+    if reserved:
+        raise ReduceError(f'metadata keys {reserved} are written by timm_reduce itself; use other names '
+                          f'(reserved: {", ".join(BLOCK_KEYS)}).')
+    try:
+        json.dumps(metadata, default=_json_default)
+    except TypeError as e:
+        raise ReduceError(f'metadata must be JSON-serialisable (it is stored in config.json): {e}') from e
+    return metadata
 
 
 def save_pretrained(
@@ -231,6 +265,7 @@ def save_pretrained(
         *,
         dense: bool = False,
         metadata: dict[str, Any] | None = None,
+        model_card: bool = True,
 ) -> Path:
     """Save `model` as `config.json` + `model.safetensors`, loadable with `timm.create_model('local-dir:DIR')`.
 
@@ -239,7 +274,10 @@ def save_pretrained(
         save_directory: created if needed; other files in it are left alone. Files are replaced only once all new
             files are written, so a failed save leaves a previous save intact.
         dense: save a plain timm model (`materialize(model)`) that stock timm loads without timm_reduce.
-        metadata: extra JSON-able fields for the `timm_reduce` block of config.json (e.g. accuracy, data).
+        metadata: extra JSON-able fields for the `timm_reduce` block of config.json (e.g. accuracy, data);
+            the model card renders `description`, `license`, `base_model`, `datasets`, `calibration_data` and
+            `accuracy` in their own places.
+        model_card: also write README.md (see `timm_reduce.card`); a README.md not written by timm_reduce is kept.
 
     Returns:
         The directory path.
@@ -252,15 +290,18 @@ def save_pretrained(
     for p in model.parameters():
         if not torch.isfinite(p).all():
             raise ReduceError('Refusing to save: the model has NaN or infinite weights.')
+    metadata = _check_metadata(metadata)
+    block = recipe_block(model)  # the recipe of the reduced model, also for its dense form
     if dense:
         model = materialize(model)
+        block.update(dense=True, unique_params=count_unique(model))
     base = base_name(model)
     if base is None:
         raise ReduceError('Cannot tell which timm architecture this model is (no pretrained_cfg["architecture"]); '
                           'create it with timm.create_model.')
     plain_args = plain_model_args(model)
     record = get_record(model)
-    extra = {'timm_reduce': {**recipe_block(model), **(metadata or {})}}
+    extra = {'timm_reduce': {**block, **metadata}}
     if plain_args is not None:
         config = _config(model, base, plain_args, extra)
     elif dense:
@@ -272,10 +313,20 @@ def save_pretrained(
         config = _config(model, 'timm_reduce', model_args, extra)
     state = encode_state(model)
     text = json.dumps(config, indent=2, default=_json_default)
-    _atomic_write(directory, {
+    writers = {
         WEIGHTS_NAME: lambda p: safetensors.torch.save_file(state, str(p), metadata={'format': 'pt'}),
         CONFIG_NAME: lambda p: p.write_text(text),
-    })
+    }
+    if model_card:
+        from .card import CARD_NAME, is_generated_card, render_model_card
+
+        existing = directory / CARD_NAME
+        if existing.is_file() and not is_generated_card(existing.read_text(encoding='utf-8', errors='replace')):
+            _logger.warning(f'{existing} was not written by timm_reduce: keeping it, no model card written.')
+        else:
+            card = render_model_card(model, json.loads(text))
+            writers[CARD_NAME] = lambda p: p.write_text(card, encoding='utf-8')
+    _atomic_write(directory, writers)
     _logger.info(f'Saved {type(model).__name__} ({"plain timm" if plain_args is not None else "timm_reduce"} '
                  f'format) to {directory}')
     return directory
