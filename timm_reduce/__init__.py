@@ -2,6 +2,7 @@
 __version__ = '0.1.0'
 
 from .errors import ReduceError, UnsupportedModelError
+from .errors import HubError
 from .spec import ReduceSpec
 from .registry import Strategy, get_strategy, list_strategies, register_strategy
 from .discovery import MlpSite, find_mlp_sites
@@ -9,6 +10,7 @@ from .sharing import unique_parameters
 from .record import get_record
 from .api import materialize, reduce
 from .serialization import save_pretrained
+from .hub import push_to_hub
 from .summary import format_summary, summary
 from . import strategies  # noqa: F401  (registers the built-in strategies)
 from . import entrypoint  # noqa: F401  (registers the `timm_reduce` timm model)
@@ -17,4 +19,5 @@ __all__ = [
     'ReduceError', 'ReduceSpec', 'MlpSite', 'Strategy', 'UnsupportedModelError', 'find_mlp_sites', 'format_summary',
     'get_record', 'get_strategy', 'list_strategies', 'materialize', 'reduce', 'register_strategy', 'save_pretrained',
     'summary', 'unique_parameters',
+    'HubError', 'push_to_hub',
 ]
