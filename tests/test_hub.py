@@ -184,6 +184,12 @@ def test_dense_saves_load_in_plain_timm_without_the_plugin(fake_hub: FakeHub, tm
         folder = timm_reduce.save_pretrained(model, tmp_path / f'dense-{strategy}', dense=True)
         names.append(f'local-dir:{folder}')
         expected[names[-1]] = _outputs(model)
+        # a save without dense=True that chose the plain timm format (thin, uniform shallow) must also load
+        folder = timm_reduce.save_pretrained(model, tmp_path / f'saved-{strategy}')
+        if json.loads((folder / 'config.json').read_text())['architecture'] != 'timm_reduce':
+            names.append(f'local-dir:{folder}')
+            expected[names[-1]] = expected[names[-2]]
+    assert {'local-dir:' + str(tmp_path / 'saved-thin'), 'local-dir:' + str(tmp_path / 'saved-shallow')} <= set(names)
     grouped = reduced_example('grouped')
     timm_reduce.push_to_hub(grouped, 'me/tiny-dense', dense=True)
     fake_hub.write_cache(tmp_path / 'hf_cache', 'me/tiny-dense')
@@ -222,6 +228,15 @@ def test_model_card_renders_summary_numbers_and_metadata(fake_hub: FakeHub, tmp_
     assert "timm.create_model('hf-hub:me/tiny', pretrained=True)" in card.text
     assert '`grouped:group_size=2`' in card.text
     assert '**seed**: 7' in card.text
+
+
+def test_unreduced_model_round_trips_and_its_card_says_so(fake_hub: FakeHub, tmp_path: Path) -> None:
+    model = tiny_vit()
+    timm_reduce.push_to_hub(model, 'me/dense')
+    text = fake_hub.tree('me/dense')['README.md'].decode()
+    assert 'Not reduced' in text and '100.0%' in text
+    loaded = _load_local(fake_hub.write_folder('me/dense', tmp_path / 'recorded'))
+    assert torch.equal(_outputs(loaded), _outputs(model))
 
 
 def test_card_of_plain_checkpoint_says_stock_timm_loads_it(fake_hub: FakeHub) -> None:
@@ -286,6 +301,13 @@ def test_invalid_repo_id_is_refused_before_any_network_call(repo_id: object, fak
     assert fake_hub.calls == []
 
 
+def test_cli_reports_an_invalid_repo_id(fake_hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = timm_reduce.save_pretrained(reduced_example('grouped'), tmp_path / 'out')
+    assert cli.main(['push', str(folder), 'just-a-name']) == 2
+    assert "Invalid Hub repo id 'just-a-name'" in capsys.readouterr().err
+    assert fake_hub.calls == []
+
+
 def test_missing_token_explains_how_to_log_in(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv('HF_TOKEN')
     with pytest.raises(HubError, match='no Hugging Face token') as err:
@@ -319,13 +341,13 @@ def test_network_failure_mid_upload_commits_nothing_and_keeps_local_files(fake_h
     folder = timm_reduce.save_pretrained(reduced_example('grouped', seed=3), tmp_path / 'out')
     before = _digest(folder)
     fake_hub.fail_commit = httpx.ConnectError('connection reset by peer')
-    with pytest.raises(HubError, match='nothing was committed') as err:
+    with pytest.raises(HubError, match='Nothing partial was committed') as err:
         timm_reduce.hub.push_folder(folder, 'me/tiny')
     assert 'ConnectError' in str(err.value) and 'local files are unchanged' in str(err.value)
     assert fake_hub.tree('me/tiny') == good and len(fake_hub.repos['me/tiny'].branches['main']) == 1
     assert _digest(folder) == before
     assert cli.main(['push', str(folder), 'me/tiny']) == 2  # the CLI reports it and exits non-zero
-    assert 'nothing was committed' in capsys.readouterr().err
+    assert 'Nothing partial was committed' in capsys.readouterr().err
     fake_hub.fail_commit = None
     assert cli.main(['push', str(folder), 'me/tiny']) == 0  # retry once the network is back
     loaded = _load_local(fake_hub.write_folder('me/tiny', tmp_path / 'recorded'))

@@ -155,10 +155,11 @@ def _upload(
                            f'write access to that namespace. {_LOGIN_HELP} Nothing was committed.') from e
         raise HubError(f'The Hub rejected the upload to {where} (HTTP {status}): {e}. Nothing was committed; '
                        'your local files are unchanged.') from e
-    except Exception as e:  # network failures (httpx, OSError, timeouts) end the single commit before it lands
-        raise HubError(f'Upload to {where} failed: {type(e).__name__}: {e}. The files go up as one commit, so '
-                       'nothing was committed (the repository may exist, empty or at its previous revision); your '
-                       'local files are unchanged. Retry when the connection is back.') from e
+    except Exception as e:  # connection drops, timeouts: the HTTP client's own exception types vary by version
+        raise HubError(f'Upload to {where} failed: {type(e).__name__}: {e}. Nothing partial was committed: the files '
+                       'go up as one commit, so the repository keeps its previous revision (or, had the Hub already '
+                       'accepted the commit, holds the complete new one). Your local files are unchanged; check the '
+                       'connection and retry.') from e
     _logger.info(f'Pushed to {getattr(info, "commit_url", where)}')
     return info
 
