@@ -109,8 +109,8 @@ def _loading_lines(config: dict[str, Any], block: dict[str, Any], repo_id: str |
     ]
     if plain:
         lines += [
-            f"This checkpoint is a plain timm `{config.get('architecture')}` (reduced widths are ordinary `model_args`, "
-            'no shared tensors), so stock timm loads it:', '',
+            f"This checkpoint is a plain timm `{config.get('architecture')}` (reduced widths are ordinary "
+            '`model_args`, no shared tensors), so stock timm loads it:', '',
             '```python', 'import timm', '',
             f"model = timm.create_model('{source}', pretrained=True).eval()", '```',
         ]
