@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 import yaml
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, scan_cache_dir
 from huggingface_hub.errors import HfHubHTTPError
 
 import timm_reduce
@@ -163,7 +163,11 @@ def test_hf_hub_loads_from_offline_cache_with_sharing_intact(fake_hub: FakeHub, 
     cache = tmp_path / 'hf_cache'
     for repo in ('me/tiny', 'me/tiny-shallow'):
         fake_hub.write_cache(cache, repo)
-    assert (cache / 'models--me--tiny' / 'refs' / 'main').is_file()
+    scan = scan_cache_dir(cache)  # huggingface_hub's own reader accepts the hand-built layout
+    assert not scan.warnings, scan.warnings
+    scanned = {repo.repo_id: repo for repo in scan.repos}
+    assert set(scanned) == {'me/tiny', 'me/tiny-shallow'}
+    assert {ref for rev in scanned['me/tiny'].revisions for ref in rev.refs} == {'main', 'v2'}
     results = _run_loader('plugin', ['hf-hub:me/tiny', 'hf-hub:me/tiny-shallow', 'hf-hub:me/tiny@v2'], tmp_path,
                           cache)
     x = sample_input()

@@ -82,9 +82,9 @@ def _accuracy_lines(accuracy: Any) -> list[str]:
 def _front_matter(config: dict[str, Any], block: dict[str, Any], meta: dict[str, Any]) -> str:
     tags = ['timm', 'timm_reduce']
     tags += [step['strategy'] for step in block.get('recipe', []) if step['strategy'] not in tags]
-    tags.append('image-classification')
     data: dict[str, Any] = {'library_name': 'timm', 'tags': tags}
     if config.get('num_classes'):
+        tags.append('image-classification')
         data['pipeline_tag'] = 'image-classification'
     for key in ('license', 'base_model', 'datasets'):
         if meta.get(key):
