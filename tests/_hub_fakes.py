@@ -128,7 +128,7 @@ class FakeHub:
 
     def api(self, *args: Any, **kwargs: Any) -> 'FakeHfApi':
         bound = inspect.signature(HfApi.__init__).bind(None, *args, **kwargs)
-        self.calls.append(('HfApi', dict(bound.arguments)))
+        self.calls.append(('HfApi', {k: v for k, v in bound.arguments.items() if k != 'self'}))
         return FakeHfApi(self, bound.arguments.get('token'))
 
     def tree(self, repo_id: str, revision: str = 'main') -> dict[str, bytes]:

@@ -104,7 +104,11 @@ def test_dense_push_is_plain_timm_with_identical_outputs(fake_hub: FakeHub, tmp_
 
 def test_revision_private_and_pull_request(fake_hub: FakeHub, tmp_path: Path) -> None:
     first, second = reduced_example('grouped', seed=0), reduced_example('grouped', seed=1)
+    first.train()
+    weights = {k: v.clone() for k, v in first.state_dict().items()}
     timm_reduce.push_to_hub(first, 'me/tiny', private=True)
+    assert first.training and all(torch.equal(v, weights[k]) for k, v in first.state_dict().items())  # untouched
+    first.eval()
     timm_reduce.push_to_hub(second, 'me/tiny', revision='v2', commit_message='second')
     repo = fake_hub.repos['me/tiny']
     assert repo.private
@@ -318,6 +322,9 @@ def test_missing_token_explains_how_to_log_in(fake_hub: FakeHub, monkeypatch: py
         timm_reduce.push_to_hub(reduced_example('grouped'), 'me/tiny')
     assert 'hf auth login' in str(err.value) and 'HF_TOKEN' in str(err.value)
     assert fake_hub.calls == []
+    timm_reduce.push_to_hub(reduced_example('grouped'), 'me/tiny', token='hf_explicit')  # an explicit token works
+    assert fake_hub.calls[0] == ('HfApi', {'token': 'hf_explicit', 'library_name': 'timm_reduce',
+                                           'library_version': timm_reduce.__version__})
 
 
 def test_offline_mode_is_reported(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
