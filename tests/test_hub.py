@@ -242,7 +242,7 @@ def test_unreduced_model_round_trips_and_its_card_says_so(fake_hub: FakeHub, tmp
     model = tiny_vit()
     timm_reduce.push_to_hub(model, 'me/dense')
     text = fake_hub.tree('me/dense')['README.md'].decode()
-    assert 'Not reduced' in text and '100.0%' in text
+    assert 'No reduction recorded' in text and '100.0%' in text
     loaded = _load_local(fake_hub.write_folder('me/dense', tmp_path / 'recorded'))
     assert torch.equal(_outputs(loaded), _outputs(model))
 

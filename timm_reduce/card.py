@@ -60,7 +60,7 @@ def _spec_text(step: dict[str, Any]) -> str:
 
 def _recipe_lines(recipe: list[dict[str, Any]]) -> list[str]:
     if not recipe:
-        return ['Not reduced: this is the dense base model.']
+        return ['No reduction recorded: timm_reduce did not reduce this model (or it was loaded as plain timm).']
     return [f'{i}. `{_spec_text(step)}`' for i, step in enumerate(recipe, 1)]
 
 
