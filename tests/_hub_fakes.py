@@ -32,24 +32,51 @@ def tiny_vit(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-# One example per registered strategy: options for `reduce`, or a callable building the reduced model (for
-# strategies that need data, e.g. fips). A newly registered strategy makes the tests fail until it is listed here.
-STRATEGY_EXAMPLES: dict[str, dict[str, Any] | Callable[[torch.nn.Module], torch.nn.Module]] = {
-    'grouped': {'group_size': 2},
-    'shallow': {'keep': 0.5},
-    'thin': {'mlp_ratio': 2.0},
+@dataclass(frozen=True)
+class Example:
+    """How to reduce the tiny ViT with one strategy.
+
+    Attributes:
+        options: options for `timm_reduce.reduce`, or None when `build` makes the model (strategies needing data).
+        build: `build(model) -> reduced model`, e.g. `compress` with a tiny calibration set.
+        dense: the result has a plain timm form (`materialize` / `dense=True`); False means it must refuse clearly.
+    """
+
+    options: dict[str, Any] | None = None
+    build: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    dense: bool = True
+
+
+# Examples per registered strategy, keyed by example id. A newly registered strategy makes the tests fail until it
+# is listed here (no skipping): add at least one example so Hub round trips, dense copies and exports cover it.
+STRATEGY_EXAMPLES: dict[str, dict[str, Example]] = {
+    'grouped': {'grouped': Example({'group_size': 2})},
+    'morphreuse': {'morphreuse': Example({}),
+                   'morphreuse-core': Example({'variant': 'core', 'core_dim': 8}, dense=False)},
+    'shallow': {'shallow': Example({'keep': 0.5})},
+    'thin': {'thin': Example({'mlp_ratio': 2.0})},
 }
 
 
-def reduced_example(strategy: str, seed: int = 0) -> torch.nn.Module:
-    if strategy not in STRATEGY_EXAMPLES:
-        pytest.fail(f'Strategy {strategy!r} is registered but has no entry in tests/_hub_fakes.STRATEGY_EXAMPLES: '
-                    'add example options so Hub round trips and exports cover it.')
-    example = STRATEGY_EXAMPLES[strategy]
+def example_ids() -> list[str]:
+    """One id per example of every registered strategy (a strategy without examples gives its bare name)."""
+    return [eid for name in timm_reduce.list_strategies() for eid in STRATEGY_EXAMPLES.get(name, {name: None})]
+
+
+def get_example(example_id: str) -> tuple[str, Example]:
+    for name, examples in STRATEGY_EXAMPLES.items():
+        if example_id in examples:
+            return name, examples[example_id]
+    pytest.fail(f'Strategy {example_id!r} is registered but has no entry in tests/_hub_fakes.STRATEGY_EXAMPLES: '
+                'add an example so Hub round trips, dense copies and exports cover it.')
+
+
+def reduced_example(example_id: str, seed: int = 0) -> torch.nn.Module:
+    strategy, example = get_example(example_id)
     model = tiny_vit(seed)
-    if callable(example):
-        return example(model).eval()
-    return timm_reduce.reduce(model, strategy, **example).eval()
+    if example.build is not None:
+        return example.build(model).eval()
+    return timm_reduce.reduce(model, strategy, **example.options).eval()
 
 
 def sample_input(batch: int = 3, seed: int = 1) -> torch.Tensor:

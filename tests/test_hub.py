@@ -21,8 +21,8 @@ import timm_reduce
 from timm_reduce import cli
 from timm_reduce.errors import HubError, ReduceError
 
-from _hub_fakes import (STRATEGY_EXAMPLES, FakeHub, fake_hub, offline, reduced_example, sample_input,  # noqa: F401
-                        single_thread, tiny_vit)
+from _hub_fakes import (STRATEGY_EXAMPLES, FakeHub, example_ids, fake_hub, get_example, offline,  # noqa: F401
+                        reduced_example, sample_input, single_thread, tiny_vit)
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {'config.json', 'model.safetensors', 'README.md'}
@@ -46,14 +46,15 @@ def _network_calls(hub: FakeHub) -> list[str]:
 
 
 def test_every_registered_strategy_has_an_example() -> None:
-    missing = sorted(set(timm_reduce.list_strategies()) - set(STRATEGY_EXAMPLES))
-    assert not missing, f'add example options for {missing} to tests/_hub_fakes.STRATEGY_EXAMPLES'
+    missing = sorted(name for name in timm_reduce.list_strategies() if not STRATEGY_EXAMPLES.get(name))
+    assert not missing, f'add examples for {missing} to tests/_hub_fakes.STRATEGY_EXAMPLES'
 
 
-@pytest.mark.parametrize('strategy', timm_reduce.list_strategies())
-def test_push_then_load_recorded_folder_gives_identical_outputs(strategy: str, fake_hub: FakeHub,
+@pytest.mark.parametrize('example', example_ids())
+def test_push_then_load_recorded_folder_gives_identical_outputs(example: str, fake_hub: FakeHub,
                                                                  tmp_path: Path) -> None:
-    model = reduced_example(strategy)
+    strategy, spec = get_example(example)
+    model = reduced_example(example)
     info = timm_reduce.push_to_hub(model, 'me/tiny')
     assert _network_calls(fake_hub) == ['create_repo', 'create_commit']  # one commit holds everything
     commit_call = fake_hub.calls[-1][1]
@@ -66,8 +67,8 @@ def test_push_then_load_recorded_folder_gives_identical_outputs(strategy: str, f
         'unique_params']
     config = json.loads((folder / 'config.json').read_text())
     assert config['timm_reduce']['recipe'][0]['strategy'] == strategy
-    assert config['timm_reduce']['recipe'][0]['options'] == STRATEGY_EXAMPLES[strategy] or callable(
-        STRATEGY_EXAMPLES[strategy])
+    if spec.options is not None:
+        assert config['timm_reduce']['recipe'][0]['options'] == spec.options
 
 
 def test_grouped_push_uses_timm_reduce_format_and_stores_shared_mlp_once(fake_hub: FakeHub, tmp_path: Path) -> None:
@@ -139,8 +140,9 @@ _LOAD_SCRIPT = textwrap.dedent('''
         if mode == 'plugin':
             row['unique_params'] = timm_reduce.summary(model, macs=False)['unique_params']
             row['shared_modules'] = [model.blocks[i].mlp is model.blocks[i + 1].mlp for i in range(3)]
-            fc1 = [b.mlp.fc1.weight for b in model.blocks]
-            row['same_storage'] = [fc1[i].data_ptr() == fc1[i + 1].data_ptr() for i in range(3)]
+            fc1 = [getattr(b.mlp.fc1, 'weight', None) for b in model.blocks]
+            row['same_storage'] = [fc1[i] is not None and fc1[i].data_ptr() == fc1[i + 1].data_ptr() for i in range(3)]
+            row['storages'] = len({p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False)})
         results[name] = row
     results['plugin_imported'] = 'timm_reduce' in sys.modules
     torch.save(results, out)
@@ -160,25 +162,28 @@ def _run_loader(mode: str, names: list[str], tmp_path: Path, cache: Path | None 
 
 
 def test_hf_hub_loads_from_offline_cache_with_sharing_intact(fake_hub: FakeHub, tmp_path: Path) -> None:
-    grouped, shallow = reduced_example('grouped'), reduced_example('shallow')
+    grouped, shallow, morph = reduced_example('grouped'), reduced_example('shallow'), reduced_example('morphreuse')
     timm_reduce.push_to_hub(grouped, 'me/tiny')
     timm_reduce.push_to_hub(shallow, 'me/tiny-shallow')
+    timm_reduce.push_to_hub(morph, 'me/tiny-morph')
     timm_reduce.push_to_hub(reduced_example('grouped', seed=2), 'me/tiny', revision='v2')
     cache = tmp_path / 'hf_cache'
-    for repo in ('me/tiny', 'me/tiny-shallow'):
+    for repo in ('me/tiny', 'me/tiny-shallow', 'me/tiny-morph'):
         fake_hub.write_cache(cache, repo)
     scan = scan_cache_dir(cache)  # huggingface_hub's own reader accepts the hand-built layout
     assert not scan.warnings, scan.warnings
     scanned = {repo.repo_id: repo for repo in scan.repos}
-    assert set(scanned) == {'me/tiny', 'me/tiny-shallow'}
+    assert set(scanned) == {'me/tiny', 'me/tiny-shallow', 'me/tiny-morph'}
     assert {ref for rev in scanned['me/tiny'].revisions for ref in rev.refs} == {'main', 'v2'}
-    results = _run_loader('plugin', ['hf-hub:me/tiny', 'hf-hub:me/tiny-shallow', 'hf-hub:me/tiny@v2'], tmp_path,
-                          cache)
+    names = ['hf-hub:me/tiny', 'hf-hub:me/tiny-shallow', 'hf-hub:me/tiny-morph', 'hf-hub:me/tiny@v2']
+    results = _run_loader('plugin', names, tmp_path, cache)
     x = sample_input()
-    for name, model in (('hf-hub:me/tiny', grouped), ('hf-hub:me/tiny-shallow', shallow)):
+    for name, model in (('hf-hub:me/tiny', grouped), ('hf-hub:me/tiny-shallow', shallow),
+                        ('hf-hub:me/tiny-morph', morph)):  # unique params unchanged: shared banks re-tied
         row = results[name]
         assert torch.equal(row['out'], _outputs(model, x)), name
         assert row['unique_params'] == timm_reduce.summary(model, macs=False)['unique_params'], name
+        assert row['storages'] == len({p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False)})
     assert results['hf-hub:me/tiny']['shared_modules'] == [True, False, True]
     assert results['hf-hub:me/tiny']['same_storage'] == [True, False, True]
     assert results['hf-hub:me/tiny-shallow']['shared_modules'] == [False, False, False]
@@ -187,13 +192,18 @@ def test_hf_hub_loads_from_offline_cache_with_sharing_intact(fake_hub: FakeHub, 
 
 def test_dense_saves_load_in_plain_timm_without_the_plugin(fake_hub: FakeHub, tmp_path: Path) -> None:
     names, expected = [], {}
-    for strategy in timm_reduce.list_strategies():
-        model = reduced_example(strategy)
-        folder = timm_reduce.save_pretrained(model, tmp_path / f'dense-{strategy}', dense=True)
+    for example in example_ids():
+        model = reduced_example(example)
+        if not get_example(example)[1].dense:  # no plain timm form: refused with a reason, nothing written
+            with pytest.raises(ReduceError, match='plain-timm|plain timm'):
+                timm_reduce.save_pretrained(model, tmp_path / f'dense-{example}', dense=True)
+            assert not (tmp_path / f'dense-{example}' / 'config.json').exists()
+            continue
+        folder = timm_reduce.save_pretrained(model, tmp_path / f'dense-{example}', dense=True)
         names.append(f'local-dir:{folder}')
         expected[names[-1]] = _outputs(model)
         # a save without dense=True that chose the plain timm format (thin, uniform shallow) must also load
-        folder = timm_reduce.save_pretrained(model, tmp_path / f'saved-{strategy}')
+        folder = timm_reduce.save_pretrained(model, tmp_path / f'saved-{example}')
         if json.loads((folder / 'config.json').read_text())['architecture'] != 'timm_reduce':
             names.append(f'local-dir:{folder}')
             expected[names[-1]] = expected[names[-2]]

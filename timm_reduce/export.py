@@ -4,11 +4,13 @@
     print(result.max_abs_diff)
 
 The exported graph is that of `materialize(model)` (plain layers, shared weights expanded), so any runtime runs
-it. Its outputs are compared with the original PyTorch model on random inputs of a different batch size than
-the one traced (checking that the batch dimension stayed dynamic); the file is put in place only if they match.
+it. A model without a plain form (e.g. MorphReuse's core variant) is exported as it is: its layers are standard
+operations too. The outputs are compared with the original PyTorch model on random inputs of a different batch size
+than the one traced (checking that the batch dimension stayed dynamic); the file is put in place only if they match.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -42,6 +44,8 @@ class ExportResult:
         max_abs_diff: largest absolute difference between exported and PyTorch outputs on the check inputs.
         atol: the tolerance it was checked against.
         input_shape: the shape of the check input (N, C, H, W).
+        materialized: True when the graph is `materialize(model)`; False when the model has no plain form and
+            its reduced layers were exported as they are.
     """
 
     path: Path
@@ -49,6 +53,7 @@ class ExportResult:
     max_abs_diff: float
     atol: float
     input_shape: tuple[int, ...]
+    materialized: bool = True
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -101,7 +106,7 @@ def export_model(
         batch_size: int = 2,
         opset: int = 17,
 ) -> ExportResult:
-    """Export `materialize(model)` to `output` and check it against `model`.
+    """Export `materialize(model)` (or `model` itself when it has no plain form) to `output`; check it against `model`.
 
     Args:
         model: a timm model, reduced or not (not modified).
@@ -128,7 +133,12 @@ def export_model(
     if output.is_dir():
         raise ReduceError(f'Export output {output} is a directory; give a file name such as '
                           f'{output / DEFAULT_FILENAMES[format]}.')
-    dense = materialize(model).cpu().float().eval()
+    try:
+        dense, materialized = materialize(model), True
+    except ReduceError as e:  # no plain form: trace the reduced model itself, still checked below
+        _logger.info(f'{e} Exporting the reduced layers as they are.')
+        dense, materialized = copy.deepcopy(model), False
+    dense = dense.cpu().float().eval()
     input_size = model_input_size(dense)
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(batch_size, *input_size, generator=generator)
@@ -165,4 +175,4 @@ def export_model(
     finally:
         tmp.unlink(missing_ok=True)
     _logger.info(f'Exported {format} to {output}: max abs diff {diff:.3g} vs PyTorch')
-    return ExportResult(output, format, diff, atol, tuple(check.shape))
+    return ExportResult(output, format, diff, atol, tuple(check.shape), materialized)

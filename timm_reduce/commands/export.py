@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load_folder(args.directory)
     output = Path(args.output) if args.output else Path(args.directory) / DEFAULT_FILENAMES[args.format]
     result = export_model(model, output, args.format, atol=args.atol, opset=args.opset)
-    print(f'exported {args.format} to {result.path}; max abs diff vs PyTorch {result.max_abs_diff:.3g} '
-          f'(atol {result.atol:g}, input {list(result.input_shape)})')
+    graph = 'materialised model' if result.materialized else 'reduced model (it has no plain form)'
+    print(f'exported {args.format} of the {graph} to {result.path}; max abs diff vs PyTorch '
+          f'{result.max_abs_diff:.3g} (atol {result.atol:g}, input {list(result.input_shape)})')
     return 0
