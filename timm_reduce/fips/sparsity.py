@@ -114,10 +114,10 @@ def prune(layers: Sequence[FipsLinear], sparsity: float, scope: str = 'global',
 
 def gmp_sparsity(step: int, final: float, initial: float, t0: int, t_end: int) -> float:
     """Cubic schedule s_t = s_f + (s_0 - s_f)(1 - (t - t0)/(t_end - t0))³, clamped to [t0, t_end]; s_f at t_end."""
-    if step <= t0 and t_end > t0:
-        return initial
     if step >= t_end:
         return final
+    if step <= t0:
+        return initial
     frac = (step - t0) / (t_end - t0)
     return final + (initial - final) * (1.0 - frac) ** 3
 
