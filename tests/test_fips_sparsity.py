@@ -92,7 +92,7 @@ def test_prune_only_shrinks_and_keeps_values_at_zero():
         assert torch.count_nonzero(m.factor[~m.mask]) == 0
 
 
-@pytest.mark.parametrize('total,t0,t_end,delta', [(40, 0.0, 0.75, 5), (37, 0.1, 0.7, 4), (3, 0.0, 0.75, 50)])
+@pytest.mark.parametrize('total,t0,t_end,delta', [(20, 0.0, 0.75, 3), (17, 0.1, 0.7, 4), (3, 0.0, 0.75, 50)])
 def test_gmp_schedule_ends_exactly_at_final_sparsity(total, t0, t_end, delta):
     model = _reduced(sparsity=0.75, s0=0.25, delta_t=delta, t0=t0, t_end=t_end)
     layers = list(fips_layers(model).values())
@@ -140,7 +140,7 @@ def test_rigl_keeps_counts_and_grows_at_zero():
             masks_before[n] = m.mask.clone()
 
     check(-1, None)
-    _calibrate(model, 12, hooks, on_step=check)
+    _calibrate(model, 8, hooks, on_step=check)
     assert changed and all(hooks._rigl_step(s) for s in changed)  # masks change on exchange steps only
     assert rigl_drop_fraction(0, 0.3, 10) == pytest.approx(0.3) and rigl_drop_fraction(10, 0.3, 10) == 0
 
