@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -38,24 +39,28 @@ def run(name: str, budgets: list[float], sparsity: float, group_size: int, repea
     dense_weights = sum(m.weight.numel() for n, m in base.named_modules() if '.mlp.fc' in n)
     rows = []
     for budget in budgets:
-        times = []
+        times, cpu_times, loads = [], [], []
         for _ in range(repeats):
             model = timm.create_model(name, pretrained=False).eval()
             model.load_state_dict(base.state_dict())
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             timm_reduce.reduce(model, 'fips', budget=budget, sparsity=sparsity, group_size=group_size,
                                sparsifier='static')
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+            loads.append(os.getloadavg()[0])
         layers = fips_layers(model).values()
         bases = {id(m.basis): m.basis.weight.numel() for m in layers}
         stored = sum(bases.values()) + sum(m.active for m in layers)
         compact = mlp_bytes(model)
         rows.append({
             'budget': budget, 'rank': next(iter(layers)).rank, 'init_seconds': min(times), 'init_seconds_all': times,
+            'init_cpu_seconds_all': cpu_times, 'load_average_1min': loads,
             'stored_params': stored, 'stored_fraction': stored / dense_weights,
             'mlp_bytes': compact, 'mlp_bytes_dense': dense_bytes, 'bytes_ratio': compact / dense_bytes,
         })
         print(f'{name} budget={budget:.2f} rank={rows[-1]["rank"]} init={min(times):.2f}s '
+              f'(cpu {min(cpu_times):.2f}s, load {loads[times.index(min(times))]:.1f}) '
               f'stored={stored / dense_weights:.3f} bytes={compact / dense_bytes:.3f}x', flush=True)
     return {'model': name, 'sparsity': sparsity, 'group_size': group_size, 'mlp_weight_params': dense_weights,
             'rows': rows}

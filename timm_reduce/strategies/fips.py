@@ -39,7 +39,9 @@ class FipsConfig:
             columns + top factor rows / beta), `'random'` (zero basis columns + random rows of std(V) / beta) or
             `'split'` (neuron splitting: a direction and its factor row split into equal copies).
         beta: divisor of the grown factor rows (hybrid and random growth).
-        scaling_vectors: per-neuron scales (paper §5). Not implemented; True raises an error.
+        scaling_vectors: per-hidden-unit scales (paper §5): every unit (fc1 row, fc2 column) is normalised before
+            the SVD and its norm becomes a trainable scale (one vector per layer, dense, counted like the biases
+            outside the budget). The paper found them useful with local pruning only.
         sparsifier: `'gmp'` (cubic schedule from s0 to `sparsity` during calibration), `'rigl'` (constant
             sparsity, drop/regrow), `'static'` (pruned once) or `'dense'` (no masks, sparsity 0).
         pruning: `'global'` (one magnitude threshold over all factors of the model) or `'local'` (same sparsity in
@@ -84,9 +86,6 @@ class FipsConfig:
             bad('give either group_size or groups, not both.')
         if self.group_size is not None and self.group_size < 1:
             bad(f'group_size must be an integer >= 1, got {self.group_size}.')
-        if self.scaling_vectors:
-            bad('scaling_vectors=True (per-neuron scales, paper §5) is not implemented; the paper found them '
-                'useful only with local pruning and left them out of the final recipe. Use scaling_vectors=False.')
         if not (math.isfinite(self.beta) and self.beta > 0):
             bad(f'beta must be > 0, got {self.beta}.')
         if not 0 <= self.s0 < 1:
@@ -167,14 +166,17 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig) -> No
             raise ReduceError(f'fips: blocks {", ".join(s.path for s in members)} have different model dimensions '
                               f'{sorted(dims)} and cannot share a basis; put them in different groups.')
         rank = rank_for_budget(slices[0].shape[0], [s.shape[1] for s in slices], config.budget, sparsity)
-        parts = decompose_group(slices, rank, config.growth, config.beta, generator)
+        parts = decompose_group(slices, rank, config.growth, config.beta, generator, config.scaling_vectors)
         basis = FipsBasis(parts.basis, [s.path for s in members])
         basis.weight.requires_grad_(any(getattr(s.mlp, n).weight.requires_grad for s, n, _ in owners))
-        for (site, name, transposed), factor in zip(owners, parts.factors):
+        scales = parts.scales or [None] * len(parts.factors)
+        for (site, name, transposed), factor, scale in zip(owners, parts.factors, scales):
             old = getattr(site.mlp, name)
             bias = old.bias.detach().clone() if old.bias is not None else None
-            layer = FipsLinear(basis, factor, bias, transposed, config.dtype_for_storage)
+            layer = FipsLinear(basis, factor, bias, transposed, config.dtype_for_storage, scale)
             layer.factor.requires_grad_(old.weight.requires_grad)
+            if scale is not None:
+                layer.scale.requires_grad_(old.weight.requires_grad)
             if bias is not None:
                 layer.bias.requires_grad_(old.bias.requires_grad)
             layer.train(old.training)
