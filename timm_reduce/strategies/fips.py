@@ -5,6 +5,7 @@ The algorithm lives in `timm_reduce.fips` (decompose -> layers -> sparsity); thi
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +22,8 @@ from ..hidden_units import input_linears
 from ..registry import register_strategy
 
 __all__ = ['FipsConfig', 'apply_fips', 'group_slices']
+
+_logger = logging.getLogger(__name__)
 
 _DEFAULT_SPARSITY = 0.75
 
@@ -152,7 +155,7 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig) -> No
     group_size = config.group_size if config.group_size is not None else (None if config.groups else 4)
     groups = resolve_groups(sites, group_size, config.groups, within_stage=True)
     generator = torch.Generator().manual_seed(config.seed)
-    sparsity = config.target_sparsity
+    plans = []  # validate every group (shapes, rank) before changing the model: a failure leaves it untouched
     for group in groups:
         members = [sites[i] for i in group]
         slices, owners = [], []
@@ -165,7 +168,10 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig) -> No
         if len(dims) != 1:
             raise ReduceError(f'fips: blocks {", ".join(s.path for s in members)} have different model dimensions '
                               f'{sorted(dims)} and cannot share a basis; put them in different groups.')
-        rank = rank_for_budget(slices[0].shape[0], [s.shape[1] for s in slices], config.budget, sparsity)
+        rank = rank_for_budget(slices[0].shape[0], [s.shape[1] for s in slices], config.budget,
+                               config.target_sparsity)
+        plans.append((members, slices, owners, rank))
+    for members, slices, owners, rank in plans:
         parts = decompose_group(slices, rank, config.growth, config.beta, generator, config.scaling_vectors)
         basis = FipsBasis(parts.basis, [s.path for s in members])
         basis.weight.requires_grad_(any(getattr(s.mlp, n).weight.requires_grad for s, n, _ in owners))
@@ -181,6 +187,11 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig) -> No
                 layer.bias.requires_grad_(old.bias.requires_grad)
             layer.train(old.training)
             setattr(site.mlp, name, layer)
+        _logger.info(f'fips: group {", ".join(s.path for s in members)}: d={parts.basis.shape[0]}, rank {rank}')
     layers = list(fips_layers(model).values())
     if config.start_sparsity > 0 and all(m.factor.device.type != 'meta' for m in layers):
         prune(layers, config.start_sparsity, config.pruning)
+    if config.start_sparsity < config.target_sparsity:
+        _logger.info(f'fips: factors pruned to the GMP start sparsity {config.start_sparsity:.0%}; calibration '
+                     f'raises it to {config.target_sparsity:.0%} (only then is the budget {config.budget:.0%} met). '
+                     f"Use sparsifier='static' for the final sparsity without calibration.")
