@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ReduceError
+from .decompose import single_thread
 from .layers import FipsLinear
 
 __all__ = ['fips_layers', 'keep_count', 'magnitude_keys', 'select_top', 'prune', 'gmp_sparsity', 'rigl_drop_fraction',
@@ -63,6 +64,8 @@ def select_top(keys: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
         low += torch.bincount((b[(b >> 16) == top] & 0xFFFF), minlength=1 << 16).cpu()
     bottom, remaining = _digit_at_rank(low, need)  # `remaining` entries equal to the threshold are taken
     threshold = (top << 16) | bottom
+    if remaining == int(low[bottom]):  # every tie is taken (the usual case): one comparison per tensor
+        return [b >= threshold for b in keys]
     out = []
     for b in keys:
         above = b > threshold
@@ -100,6 +103,12 @@ def prune(layers: Sequence[FipsLinear], sparsity: float, scope: str = 'global',
     """
     if not layers:
         return
+    with single_thread():  # memory-bound passes; thread barriers only cost on a shared CPU
+        _prune(layers, sparsity, scope, optimizer)
+
+
+def _prune(layers: Sequence[FipsLinear], sparsity: float, scope: str,
+           optimizer: torch.optim.Optimizer | None) -> None:
     scores = [magnitude_keys(m.factor, m.mask) for m in layers]
     if scope == 'global':
         keeps = select_top(scores, keep_count(sum(m.mask.numel() for m in layers), sparsity))
