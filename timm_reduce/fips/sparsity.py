@@ -21,6 +21,7 @@ from .layers import FipsLinear
 __all__ = ['fips_layers', 'keep_count', 'magnitude_keys', 'select_top', 'prune', 'gmp_sparsity', 'rigl_drop_fraction',
            'FipsSparsifier', 'make_hooks']
 
+
 def fips_layers(model: nn.Module) -> dict[str, FipsLinear]:
     """Every FipsLinear of `model` by its dotted path, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, FipsLinear)}
@@ -211,6 +212,8 @@ class FipsSparsifier:
 
     def after_backward(self, step: int) -> None:
         """Keep the dense gradient where RigL will need it, then zero the gradients of masked entries."""
+        if self.config.sparsifier == 'dense':
+            return
         if self._rigl_step(step):
             self._dense_grads = {n: m.factor.grad.detach().clone() for n, m in self.layers.items()
                                  if m.factor.grad is not None}
@@ -222,6 +225,8 @@ class FipsSparsifier:
     def after_step(self, step: int) -> None:
         """Re-apply the masks to factors and optimizer moments; prune or exchange entries on schedule."""
         self.last_step = step
+        if self.config.sparsifier == 'dense':
+            return
         layers = list(self.layers.values())
         if self._prune_step(step):
             target = gmp_sparsity(step, self.final_sparsity, self.start_sparsity, self.t0, self.t_end)
