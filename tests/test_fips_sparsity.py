@@ -96,7 +96,7 @@ def test_prune_only_shrinks_and_keeps_values_at_zero():
         assert torch.count_nonzero(m.factor[~m.mask]) == 0
 
 
-@pytest.mark.parametrize('total,t0,t_end,delta', [(20, 0.0, 0.75, 3), (17, 0.1, 0.7, 4), (3, 0.0, 0.75, 50)])
+@pytest.mark.parametrize('total,t0,t_end,delta', [(12, 0.0, 0.75, 2), (11, 0.1, 0.7, 4), (3, 0.0, 0.75, 50)])
 def test_gmp_schedule_ends_exactly_at_final_sparsity(total, t0, t_end, delta):
     model = _reduced(sparsity=0.75, s0=0.25, delta_t=delta, t0=t0, t_end=t_end)
     layers = list(fips_layers(model).values())
