@@ -193,3 +193,25 @@ def test_hooks_state_masks_and_resume():
     assert all(torch.equal(resumed.masks()[k], masks[k]) for k in masks)
     with pytest.raises(timm_reduce.ReduceError, match='same schedule'):
         resumed.load_state_dict({**state, 'total_steps': 9})
+
+
+def test_schedule_acts_on_the_factors_the_optimizer_trains():
+    """An engine that calibrates one group at a time prunes that group only, to the exact target within it."""
+    model = _reduced(sparsity=0.75, s0=0.25, delta_t=2)
+    layers = fips_layers(model)
+    group0 = [m for n, m in layers.items() if n.startswith(('blocks.0.', 'blocks.1.'))]
+    others = {n: m.mask.clone() for n, m in layers.items() if not n.startswith(('blocks.0.', 'blocks.1.'))}
+    hooks = _hooks(model)
+    opt = torch.optim.AdamW(model.blocks[:2].parameters(), lr=1e-3)  # the shared basis listed once
+    hooks.setup(model, opt, 4)
+    for step in range(4):
+        opt.zero_grad()
+        model(images(model)).square().mean().backward()
+        hooks.after_backward(step)
+        opt.step()
+        hooks.after_step(step)
+    assert sum(m.active for m in group0) == keep_count(sum(m.mask.numel() for m in group0), 0.75)
+    assert all(torch.equal(layers[n].mask, mask) for n, mask in others.items())
+    assert len(hooks.masks()) == len(layers)
+    with pytest.raises(timm_reduce.ReduceError, match='trains none of the FiPS factors'):
+        hooks.setup(model, torch.optim.AdamW(model.head.parameters()), 4)

@@ -157,9 +157,10 @@ class FipsSparsifier:
 
     def __init__(self, model: nn.Module, config: Any) -> None:
         self.config = config
-        self.layers = fips_layers(model)
-        if not self.layers:
+        self.all_layers = fips_layers(model)
+        if not self.all_layers:
             raise ReduceError('fips hooks: the model has no FiPS layers; apply reduce(model, "fips", ...) first.')
+        self.layers = self.all_layers  # the factors the schedule acts on (those the optimizer trains)
         self.optimizer: torch.optim.Optimizer | None = None
         self.total_steps = 0
         self.t0 = self.t_end = 0
@@ -177,7 +178,7 @@ class FipsSparsifier:
         return self.config.start_sparsity
 
     def sparsity(self) -> float:
-        """Current sparsity over all factors."""
+        """Current sparsity over the scheduled factors."""
         total = sum(m.mask.numel() for m in self.layers.values())
         return 1.0 - sum(m.active for m in self.layers.values()) / total
 
@@ -196,10 +197,21 @@ class FipsSparsifier:
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int) -> None:
         """Remember the optimizer (its moments get masked) and the run length; prune to the start sparsity if the
-        masks are not there yet (a resumed run keeps its masks)."""
+        masks are not there yet (a resumed run keeps its masks).
+
+        The schedule acts on the factors this optimizer trains (all of them when it is None): one joint run over
+        the whole model prunes globally across the model; a run per group of blocks prunes within that group.
+        """
         if total_steps < 1:
             raise ReduceError(f'fips hooks: total_steps must be >= 1, got {total_steps}.')
-        self.layers = fips_layers(model)
+        self.all_layers = fips_layers(model)
+        self.layers = self.all_layers
+        if optimizer is not None:
+            trained = {id(p) for group in optimizer.param_groups for p in group['params']}
+            self.layers = {n: m for n, m in self.all_layers.items() if id(m.factor) in trained}
+            if not self.layers:
+                raise ReduceError('fips hooks: the optimizer trains none of the FiPS factors; pass the optimizer '
+                                  'of the calibrated blocks (it must hold their `factor` parameters).')
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.t0 = math.floor(self.config.t0 * total_steps)
@@ -271,8 +283,8 @@ class FipsSparsifier:
         self.total_steps = int(state['total_steps']) or self.total_steps
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """`{'<layer path>.mask': bool mask}` of every factor (the live buffers; do not modify)."""
-        return {f'{name}.mask': m.mask for name, m in self.layers.items()}
+        """`{'<layer path>.mask': bool mask}` of every factor of the model (the live buffers; do not modify)."""
+        return {f'{name}.mask': m.mask for name, m in self.all_layers.items()}
 
 
 def keep_sparsity(layers: dict[str, FipsLinear] | Sequence[FipsLinear], sparsity: float, scope: str) -> float:
