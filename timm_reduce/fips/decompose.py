@@ -3,7 +3,8 @@
 Every linear of an MLP is put in (d x width) orientation (input linears transposed, fc2 as stored) and the group's
 slices are concatenated along the long axis: C = [W_1 | W_2 | ...] (d x M). With C = Q S Pᵀ,
 U = Q[:, :r] is the shared basis and V = Uᵀ C = (S Pᵀ)[:r] is cut back into per-layer factors V_k (r x width_k), so
-that W_k ≈ U V_k. The SVD is taken from the short side: the d x d Gram matrix C Cᵀ and its `eigh`, in float64.
+that W_k ≈ U V_k. The SVD is taken from the short side: the d x d Gram matrix C Cᵀ = Σ_k W_k W_kᵀ (accumulated
+slice by slice, so C is never materialised) and its `eigh`, in float64.
 With scaling vectors (paper §5) every hidden unit (column of a slice) is normalised before the decomposition and its
 norm kept as a per-unit scale: W_k ≈ U V_k diag(scale_k).
 """
@@ -34,6 +35,7 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
 
 Growth = Literal['hybrid', 'random', 'split']
 
@@ -73,10 +75,8 @@ def rank_for_budget(dim: int, widths: Sequence[int], budget: float, sparsity: fl
 def _growth_plan(dim: int, rank: int, growth: Growth) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Source direction of each grown component, and (split only) the number of copies of every direction."""
     source = torch.arange(rank - dim) % dim
-    if growth != 'split':
-        return source, None
-    return source, torch.ones(dim, dtype=torch.float64).index_add_(0, source, torch.ones(rank - dim,
-                                                                                            dtype=torch.float64))
+    copies = torch.bincount(source, minlength=dim).double() + 1 if growth == 'split' else None
+    return source, copies
 
 
 @torch.no_grad()
