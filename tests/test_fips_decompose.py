@@ -51,7 +51,7 @@ def test_full_rank_reproduces_weights_float64_with_growth(growth):
     x = images(model, dtype=torch.float64)
     with torch.no_grad():
         expected = model(x)
-    # d = 32, groups of 2: N = 32·512; budget 0.5 at s = 0.75 -> r = ⌊8192/160⌋ = 51 > d: growth path; s0 = 0: no pruning
+    # d = 32, groups of 2: N = 32·512; budget 0.5 at s = 0.75 -> r = ⌊8192/160⌋ = 51 > d (growth); s0 = 0: no pruning
     timm_reduce.reduce(model, 'fips', budget=0.5, sparsity=0.75, s0=0.0, group_size=2, growth=growth)
     layers = fips_layers(model)
     assert {m.rank for m in layers.values()} == {51}

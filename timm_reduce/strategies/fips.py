@@ -126,7 +126,7 @@ def group_slices(mlp: nn.Module) -> list[tuple[str, bool]]:
 
 def _check_mlp(site: MlpSite) -> None:
     mlp = site.mlp
-    for name, transposed in group_slices(mlp):
+    for name, _ in group_slices(mlp):
         layer = getattr(mlp, name)
         if isinstance(layer, FipsLinear):
             raise ReduceError(f'fips: block {site.path} is already reduced with fips.')
