@@ -14,6 +14,7 @@ from timm_reduce import ReduceError
 from timm_reduce.fips import FipsLinear, decompose_group, fips_layers, rank_for_budget
 
 from fips_utils import images, mlp_linears, tiny_eva, tiny_swin, tiny_vit
+from fips_utils import one_thread  # noqa: F401  (autouse fixture)
 
 DEIT_B_RANKS = {0.10: 273, 0.25: 682, 0.40: 1092, 0.50: 1365, 0.75: 2048}
 

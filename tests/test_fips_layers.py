@@ -11,6 +11,7 @@ import timm_reduce
 from timm_reduce.fips import FipsLinear, fips_layers
 
 from fips_utils import images, tiny_eva, tiny_vit
+from fips_utils import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _reduced(**options):

@@ -12,6 +12,7 @@ from timm_reduce.fips import fips_layers, gmp_sparsity, prune, rigl_drop_fractio
 from timm_reduce.fips.sparsity import keep_count, magnitude_keys
 
 from fips_utils import images, tiny_vit
+from fips_utils import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _reduced(**options):
