@@ -75,8 +75,11 @@ def main() -> None:
     parser.add_argument('--group-size', type=int, default=4)
     parser.add_argument('--repeats', type=int, default=2)
     parser.add_argument('--storage-dtype', default='float32', choices=['float32', 'bfloat16'])
+    parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch default)')
     parser.add_argument('--output', default=str(Path(__file__).parent / 'results' / 'fips_init.json'))
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     results = {
         'command': ' '.join(['python', 'bench/fips_init.py', *sys.argv[1:]]),
         'torch': torch.__version__, 'timm': timm.__version__, 'threads': torch.get_num_threads(),
