@@ -50,6 +50,7 @@ class Example:
 # Examples per registered strategy, keyed by example id. A newly registered strategy makes the tests fail until it
 # is listed here (no skipping): add at least one example so Hub round trips, dense copies and exports cover it.
 STRATEGY_EXAMPLES: dict[str, dict[str, Example]] = {
+    'fips': {'fips': Example({'budget': 0.25, 'group_size': 2, 'sparsifier': 'static'})},
     'grouped': {'grouped': Example({'group_size': 2})},
     'morphreuse': {'morphreuse': Example({}),
                    'morphreuse-core': Example({'variant': 'core', 'core_dim': 8}, dense=False)},
@@ -82,14 +83,6 @@ def reduced_example(example_id: str, seed: int = 0) -> torch.nn.Module:
 def sample_input(batch: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Any:
-    """One intra-op thread: these tensors are tiny and the test machine is shared, so threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class NetworkBlocked(RuntimeError):

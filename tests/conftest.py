@@ -53,6 +53,16 @@ def perturb_blocks(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread per test process: the tensors are tiny, and on a shared or oversubscribed 2-core machine
+    (torchrun tests run 2 processes) thread barriers made a 10-step tiny-ViT loop take 9.7 s instead of 0.1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=list(TINY))
 def family(request) -> str:
     return request.param

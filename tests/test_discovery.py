@@ -1,6 +1,5 @@
 import pytest
 import timm
-import torch
 
 import timm_reduce
 from timm_reduce import UnsupportedModelError, find_mlp_sites

@@ -14,7 +14,7 @@ from timm_reduce import cli
 from timm_reduce.errors import ReduceError
 from timm_reduce.export import export_model
 
-from _hub_fakes import example_ids, get_example, reduced_example, sample_input, single_thread  # noqa: F401
+from _hub_fakes import example_ids, get_example, reduced_example, sample_input
 
 
 def _torch_outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from timm_reduce import cli
 from timm_reduce.errors import HubError, ReduceError
 
 from _hub_fakes import (STRATEGY_EXAMPLES, FakeHub, example_ids, fake_hub, get_example, offline,  # noqa: F401
-                        reduced_example, sample_input, single_thread, tiny_vit)
+                        reduced_example, sample_input, tiny_vit)
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {'config.json', 'model.safetensors', 'README.md'}

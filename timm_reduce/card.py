@@ -120,7 +120,7 @@ def _loading_lines(config: dict[str, Any], block: dict[str, Any], repo_id: str |
             'by the plugin, so stock timm alone cannot build it. To get a plain timm model (shared weights expanded, '
             'same outputs, larger file), load it once with timm_reduce and save or push a dense copy:', '',
             '```python',
-            f"timm_reduce.save_pretrained(model, 'dense/', dense=True)  # or push_to_hub(model, repo_id, dense=True)",
+            "timm_reduce.save_pretrained(model, 'dense/', dense=True)  # or push_to_hub(model, repo_id, dense=True)",
             "dense = timm.create_model('local-dir:dense/', pretrained=True)  # stock timm, no plugin needed",
             '```', '',
             'or export it: `timm-reduce export DIR --format onnx` (runs with onnxruntime only).',

@@ -27,7 +27,7 @@ from . import __version__
 from .discovery import find_mlp_sites
 from .errors import ReduceError
 from .record import ReductionRecord, base_name, get_record
-from .sharing import alias_map, count_unique, tensor_identity
+from .sharing import alias_map, count_unique
 
 __all__ = ['save_pretrained', 'encode_state', 'decode_state', 'load_reduced_state', 'plain_model_args',
            'read_weights', 'WEIGHTS_NAME', 'CONFIG_NAME']

@@ -55,7 +55,6 @@ def kept_units(config: ShallowConfig, sites: list) -> list[int]:
 def apply_shallow(model: nn.Module, sites: list, config: ShallowConfig) -> None:
     """Cut every MLP to its kept units, in place; kept units stay in their original order."""
     for site, k in zip(sites, kept_units(config, sites)):
-        h = hidden_units(site.mlp)
         if config.importance == 'first':
             index = torch.arange(k)
         else:
