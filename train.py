@@ -452,8 +452,12 @@ def _amp(args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], A
     return autocast, scaler
 
 
-def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> None:
-    """Build everything in the order reduced models need, train, and export the best model."""
+def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Module:
+    """Build everything in the order reduced models need, train, and export the best model.
+
+    Returns:
+        The trained model (this rank's replica, unwrapped; not the EMA).
+    """
     if not args.data_dir:
         raise TrainError('No data directory given: pass it as the first argument (or --data-dir).')
     if not args.dataset and not os.path.isdir(args.data_dir):
@@ -544,6 +548,10 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> None:
         else:
             mixup_fn = Mixup(**mixup_args)
     train_loader, val_loader = create_loaders(args, data_config, dist_info, num_aug_splits, collate_fn)
+    dataset_classes = len(getattr(getattr(train_loader.dataset, 'reader', None), 'class_to_idx', None) or {})
+    if dataset_classes > num_classes:
+        raise TrainError(f'The training data has {dataset_classes} classes but the model has {num_classes} outputs; '
+                         f'pass --num-classes {dataset_classes}.')
     if mixup_active:
         train_loss_fn: nn.Module = SoftTargetCrossEntropy()
     elif args.smoothing:
@@ -611,6 +619,7 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> None:
         export_best(model, model_ema, output_dir, best_metric, best_epoch, args)
     if dist_info.distributed:
         dist.barrier()
+    return model
 
 
 def export_best(model: nn.Module, model_ema: SharedEma | None, output_dir: Path, best_metric: float | None,
