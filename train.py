@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -316,6 +317,25 @@ def create_loaders(args: argparse.Namespace, data_config: dict, dist_info: DistI
 # ----------------------------------------------------------------------------------------------- loops
 
 
+class _Throughput:
+    """Images/s of all ranks, measured from the first update on (from the start until then)."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.start = time.perf_counter()
+        self.first: tuple[float, int] | None = None
+        self.last: tuple[float, int] = (self.start, 0)
+
+    def update(self, images: int) -> None:
+        self.last = (time.perf_counter(), images)
+        if self.first is None:
+            self.first = self.last
+
+    def rate(self) -> float:
+        t0, n0 = self.first if self.first is not None and self.last[1] > self.first[1] else (self.start, 0)
+        return (self.last[1] - n0) * self.world_size / max(self.last[0] - t0, 1e-9)
+
+
 def train_one_epoch(
         epoch: int,
         model: nn.Module,
@@ -333,7 +353,11 @@ def train_one_epoch(
         mixup_fn: Mixup | None,
         saver: CheckpointSaver | None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns loss, lr and images/s (all ranks together, including data loading)."""
+    """One pass over `loader`; returns loss, lr and images/s.
+
+    Images/s counts all ranks and includes data loading; the clock starts after the first update, so start-up
+    (worker processes, first allocations) is left out when the epoch has more than one update.
+    """
     accum = args.grad_accum_steps
     num_batches = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
     updates_per_epoch = (num_batches + accum - 1) // accum
@@ -341,8 +365,7 @@ def train_one_epoch(
     losses = AverageMeter()
     model.train()
     optimizer.zero_grad()
-    images = 0
-    start = time.perf_counter()
+    images, clock = 0, _Throughput(dist_info.world_size)
     for batch_idx, (inputs, target) in enumerate(loader):
         if batch_idx >= num_batches:
             break
@@ -374,22 +397,21 @@ def train_one_epoch(
             continue
         optimizer.zero_grad()
         num_updates += 1
+        clock.update(images)
         if model_ema is not None:
             model_ema.update(ema_target, step=num_updates)
         lr_scheduler.step_update(num_updates=num_updates, metric=losses.avg)
         if dist_info.primary and (batch_idx % args.log_interval == 0 or batch_idx + 1 == num_batches):
-            elapsed = time.perf_counter() - start
             lr = optimizer.param_groups[0]['lr']
             _logger.info(f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] loss {losses.val:.4f} '
-                         f'({losses.avg:.4f}) lr {lr:.3e} {images * dist_info.world_size / elapsed:.1f} img/s')
+                         f'({losses.avg:.4f}) lr {lr:.3e} {clock.rate():.1f} img/s')
         if saver is not None and args.recovery_interval and (batch_idx + 1) % args.recovery_interval == 0:
             saver.save_recovery(epoch, batch_idx=batch_idx)
-    elapsed = time.perf_counter() - start
     loss_avg = torch.tensor([losses.avg], device=dist_info.device)
     if dist_info.distributed:
         loss_avg = reduce_tensor(loss_avg, dist_info.world_size)
     return {'loss': loss_avg.item(), 'lr': optimizer.param_groups[0]['lr'],
-            'img_per_sec': images * dist_info.world_size / elapsed}
+            'img_per_sec': clock.rate()}
 
 
 @torch.no_grad()
@@ -400,18 +422,19 @@ def validate(model: nn.Module, loader: Any, args: argparse.Namespace, dist_info:
     k = min(5, num_classes)
     totals = torch.zeros(4, dtype=torch.float64, device=dist_info.device)  # loss sum, top1, top5 hits, count
     model.eval()
-    for inputs, target in loader:
-        if not args.prefetcher:
-            inputs, target = inputs.to(dist_info.device), target.to(dist_info.device)
-        if args.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
-            output = model(inputs)
-        output = output.float()
-        acc1, acck = accuracy(output, target, topk=(1, k))
-        n = inputs.shape[0]
-        totals += torch.tensor([loss_fn(output, target).item(), acc1.item() * n / 100, acck.item() * n / 100, n],
-                               dtype=torch.float64, device=dist_info.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='None of the inputs have requires_grad')  # checkpointing, no_grad
+        for inputs, target in loader:
+            if not args.prefetcher:
+                inputs, target = inputs.to(dist_info.device), target.to(dist_info.device)
+            if args.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with amp_autocast():
+                output = model(inputs).float()
+            acc1, acck = accuracy(output, target, topk=(1, k))
+            n = inputs.shape[0]
+            totals += torch.tensor([loss_fn(output, target).item(), acc1.item() * n / 100, acck.item() * n / 100, n],
+                                   dtype=torch.float64, device=dist_info.device)
     if dist_info.distributed:
         dist.all_reduce(totals)
     loss, top1, top5, count = totals.tolist()
@@ -639,7 +662,8 @@ def export_best(model: nn.Module, model_ema: SharedEma | None, output_dir: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_default_logging()
+    if not logging.getLogger().handlers:  # leave an embedding application's (or pytest's) logging alone
+        setup_default_logging()
     args, args_text = parse_args(argv)
     dist_info = None
     try:
