@@ -546,8 +546,6 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
 
     ema_target = model  # EMA follows the plain module, never the compiled or DDP wrapper
     train_model: nn.Module = model
-    if args.torchcompile:
-        train_model = torch.compile(train_model, backend=args.torchcompile)
     if dist_info.distributed:
         shared = counts['unique_params'] < counts['params']
         # reentrant checkpointing re-runs a shared module's forward inside backward: DDP needs a static graph
@@ -558,6 +556,8 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
         if dist_info.primary:
             _logger.info(f'DDP over {dist_info.world_size} processes ({dist.get_backend()}), '
                          f'static_graph={static_graph}.')
+    if args.torchcompile:  # compiling the DDP wrapper lets dynamo split graphs at DDP's buckets
+        train_model = torch.compile(train_model, backend=args.torchcompile)
 
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -661,6 +661,12 @@ def export_best(model: nn.Module, model_ema: SharedEma | None, output_dir: Path,
                  f'{f", {args.eval_metric} {best_metric:.3f}" if best_metric is not None else ""}) to {target_dir}.')
 
 
+def _is_collective_failure(error: RuntimeError) -> bool:
+    """True for errors of the process group (peer gone, timeout), not for bugs raised as RuntimeError."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(s in text for s in ('gloo', 'NCCL', 'Connection', 'Timed out'))
+
+
 def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:  # leave an embedding application's (or pytest's) logging alone
         setup_default_logging()
@@ -674,13 +680,13 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, ReduceError) as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return 2
-    except (dist.DistBackendError, dist.DistError, RuntimeError) as e:
-        if dist_info is None or not dist_info.distributed:
+    except RuntimeError as e:
+        if dist_info is None or not dist_info.distributed or not _is_collective_failure(e):
             raise
-        rank = dist_info.rank
-        print(f'train.py: rank {rank}: a collective operation with the other ranks failed (a rank was killed, '
-              f'crashed or did not answer within --dist-timeout {args.dist_timeout:g}s); stopping this rank. '
-              f'Cause: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
+        cause = str(e).splitlines()[0] if str(e) else ''
+        print(f'train.py: rank {dist_info.rank}: a collective operation with the other ranks failed (a rank was '
+              f'killed, crashed or did not answer within --dist-timeout {args.dist_timeout:g}s); stopping this '
+              f'rank. Cause: {type(e).__name__}: {cause}', file=sys.stderr)
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -12,7 +12,7 @@ python train.py "$DATA" --train-split train.tar --val-split val.tar \
   --model-kwargs img_size=32 patch_size=8 embed_dim=128 depth=6 num_heads=4 mlp_ratio=4 \
   --num-classes 10 --device cpu --workers 1 \
   -b 128 --opt adamw --lr 1e-3 --weight-decay 0.05 --clip-grad 1.0 \
-  --sched cosine --sched-on-updates --epochs 3 --warmup-epochs 0.2 --warmup-lr 1e-5 --min-lr 1e-5 \
+  --sched cosine --sched-on-updates --epochs 1 --warmup-epochs 0.1 --warmup-lr 1e-5 --min-lr 1e-5 \
   --smoothing 0.1 --scale 0.6 1.0 --hflip 0.5 --color-jitter 0 --crop-pct 1.0 \
   --mean 0.4914 0.4822 0.4465 --std 0.2470 0.2435 0.2616 \
   --seed 0 --log-interval 50 --output "$OUT" --experiment cifar10_vit
