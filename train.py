@@ -271,15 +271,21 @@ def load_initial_checkpoint(model: nn.Module, path: str, recipe: list) -> None:
 # ----------------------------------------------------------------------------------------------- data
 
 
+_SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+
+
 def _split_root(data_dir: str, dataset: str, split: str) -> tuple[str, str]:
-    """(root, split) for create_dataset; a folder/tar split must exist under the data dir."""
+    """(root, split) for create_dataset. A folder/tar split must exist under the data dir, under its name or, like
+    timm, a synonym (`validation` finds `val/`)."""
     if dataset:  # torch/, hfds/, wds/ ... readers resolve splits themselves
         return data_dir, split
-    path = os.path.join(data_dir, split)
-    if not os.path.exists(path):
-        listing = ', '.join(sorted(os.listdir(data_dir))[:10]) or '(empty)'
-        raise TrainError(f'Split {split!r} not found: {path} does not exist. {data_dir} holds: {listing}.')
-    return path, split
+    names = [split, *next((group for group in _SPLIT_SYNONYMS if split in group), ())]
+    for name in names:
+        if os.path.exists(os.path.join(data_dir, name)):
+            return os.path.join(data_dir, name), split
+    listing = ', '.join(sorted(os.listdir(data_dir))[:10]) or '(empty)'
+    raise TrainError(f'Split {split!r} not found in {data_dir} (looked for {", ".join(dict.fromkeys(names))}); it '
+                     f'holds: {listing}. Pass --train-split / --val-split (--val-split "" skips validation).')
 
 
 def create_loaders(args: argparse.Namespace, data_config: dict, dist_info: DistInfo, num_aug_splits: int,

@@ -224,3 +224,11 @@ def test_bad_inputs_exit_with_a_readable_message(data_dir, tmp_path, capsys, cas
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith('train.py: error: ')
     assert message.format(missing=missing) in err and 'Traceback' not in err
+
+
+def test_splits_are_found_under_timm_synonyms(tmp_path):
+    for name in ('training', 'val'):
+        (tmp_path / name).mkdir()
+    assert train._split_root(str(tmp_path), '', 'train') == (str(tmp_path / 'training'), 'train')
+    assert train._split_root(str(tmp_path), '', 'validation') == (str(tmp_path / 'val'), 'validation')
+    assert train._split_root(str(tmp_path), 'torch/cifar10', 'test') == (str(tmp_path), 'test')
