@@ -494,6 +494,9 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
     _check_model_name(args.model)
     if args.grad_accum_steps < 1:
         raise TrainError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}.')
+    if args.aug_repeats and not dist_info.distributed:
+        raise TrainError(f'--aug-repeats {args.aug_repeats:g} needs distributed training (timm\'s RepeatAugSampler '
+                         'shards repeats over ranks): launch with distributed_train.sh, or drop --aug-repeats.')
     if args.reentrant_ckpt:
         timm.layers.set_reentrant_ckpt(True)
     args.prefetcher = not args.no_prefetcher and dist_info.device.type == 'cuda'
@@ -501,11 +504,12 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
     resume_checkpoint = load_training_checkpoint(args.resume) if args.resume else None
     recipe = resolve_recipe(args, resume_checkpoint)
     args.reduction_recipe = [s.to_dict() for s in recipe]
-    # identical initial weights on every rank (DDP broadcasts rank 0's anyway); data order differs per rank below
+    # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     random_seed(args.seed, 0)
     model = create_reduced_model(args, recipe)
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args.initial_checkpoint, recipe)
+    random_seed(args.seed, dist_info.rank)  # augmentation and mixup draws differ per rank
     counts = param_report(model)
     if dist_info.primary:
         _logger.info(f'Model {args.model}: reduction {recipe_to_text(recipe)}; params {counts["params_before"]:,} '

@@ -210,6 +210,7 @@ def test_resume_refuses_a_conflicting_reduction(runs, data_dir, tmp_path, capsys
     ('missing_split', "Split 'nosuch' not found"),
     ('unknown_strategy', "Reduction strategy 'halve' is not available in this installation; available: "),
     ('too_few_classes', 'The training data has 3 classes but the model has 2 outputs; pass --num-classes 3'),
+    ('aug_repeats_single', '--aug-repeats 3 needs distributed training'),
 ])
 def test_bad_inputs_exit_with_a_readable_message(data_dir, tmp_path, capsys, case, message):
     missing = tmp_path / 'nowhere'
@@ -219,6 +220,7 @@ def test_bad_inputs_exit_with_a_readable_message(data_dir, tmp_path, capsys, cas
         'missing_split': [str(data_dir), *TINY, '--train-split', 'nosuch'],
         'unknown_strategy': [str(data_dir), *TINY, '--reduction-strategy', 'halve'],
         'too_few_classes': [str(data_dir), *TINY, '--num-classes', '2'],
+        'aug_repeats_single': [str(data_dir), *TINY, '--aug-repeats', '3'],
     }[case]
     assert train.main([*argv, '--output', str(tmp_path), '--epochs', '1']) == 2
     err = capsys.readouterr().err
