@@ -522,10 +522,7 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    data_args = vars(args).copy()
-    if args.input_size is None and args.img_size is None:
-        data_args['input_size'] = model_input_size(model)
-    data_config = resolve_data_config(data_args, model=model, verbose=dist_info.primary)
+    data_config = model_data_config(args, model, verbose=dist_info.primary)
 
     _resolve_lr(args, dist_info.world_size)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
@@ -619,7 +616,7 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
         _logger.info(f'Output: {output_dir}; {num_epochs - start_epoch} epochs of {updates_per_epoch} updates, '
                      f'global batch {args.batch_size * dist_info.world_size * args.grad_accum_steps}.')
 
-    best_metric, best_epoch = None, None
+    best_metric = None
     for epoch in range(start_epoch, num_epochs):
         if dist_info.distributed and hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
@@ -645,30 +642,47 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
         if saver is not None:
             update_summary(epoch, train_metrics, eval_metrics, filename=str(output_dir / 'summary.csv'),
                            lr=train_metrics['lr'], write_header=best_metric is None and epoch == start_epoch)
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
+            best_metric, _ = saver.save_checkpoint(epoch, metric=metric)
         lr_scheduler.step(epoch + 1, metric)
 
-    if saver is not None:
-        export_best(model, model_ema, output_dir, best_metric, best_epoch, args)
+    if saver is not None:  # the best checkpoint (the last without validation), EMA weights when used
+        best = output_dir / ('model_best.pth.tar' if best_metric is not None else 'last.pth.tar')
+        metric = {f'val_{args.eval_metric}': best_metric} if best_metric is not None else {}
+        export_model(model_ema.module if model_ema is not None else model, best, output_dir / 'model',
+                     ema=model_ema is not None, data_config=data_config, metadata=metric)
     if dist_info.distributed:
         dist.barrier()
     return model
 
 
-def export_best(model: nn.Module, model_ema: SharedEma | None, output_dir: Path, best_metric: float | None,
-                best_epoch: int | None, args: argparse.Namespace) -> None:
-    """save_pretrained the best checkpoint (EMA weights when used, else the model's) to OUTPUT/model."""
-    source = output_dir / ('model_best.pth.tar' if best_metric is not None else 'last.pth.tar')
-    use_ema = model_ema is not None
-    target = model_ema.module if use_ema else model
-    checkpoint = load_training_checkpoint(source)
-    target.load_state_dict(checkpoint_state(checkpoint, ema=use_ema), strict=True)
-    metadata = {'trained_with': 'train.py', 'epoch': checkpoint['epoch'], 'ema': use_ema}
-    if best_metric is not None:
-        metadata[f'val_{args.eval_metric}'] = best_metric
-    target_dir = timm_reduce.save_pretrained(target, output_dir / 'model', metadata=metadata)
-    _logger.info(f'Saved {"EMA " if use_ema else ""}weights of {source.name} (epoch {checkpoint["epoch"]}'
-                 f'{f", {args.eval_metric} {best_metric:.3f}" if best_metric is not None else ""}) to {target_dir}.')
+_DATA_CFG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+
+
+def model_data_config(args: argparse.Namespace, model: nn.Module, verbose: bool = False) -> dict[str, Any]:
+    """timm's data config for `model` and the data flags; the input size defaults to the model's own (after
+    `--model-kwargs img_size=...`), not its pretrained_cfg's."""
+    data_args = vars(args).copy()
+    if args.input_size is None and args.img_size is None:
+        data_args['input_size'] = model_input_size(model)
+    return resolve_data_config(data_args, model=model, verbose=verbose)
+
+
+def export_model(model: nn.Module, checkpoint_path: Path, out_dir: Path, *, ema: bool, data_config: dict[str, Any],
+                 metadata: dict[str, Any]) -> Path:
+    """save_pretrained the weights (EMA weights if `ema`) of a training checkpoint, loaded into `model`.
+
+    config.json also records the preprocessing the model was trained with, so `resolve_data_config(model=...)` of
+    the loaded model finds the right mean, std and crop.
+    """
+    checkpoint = load_training_checkpoint(checkpoint_path)
+    model.load_state_dict(checkpoint_state(checkpoint, ema=ema), strict=True)
+    model.pretrained_cfg = {**model.pretrained_cfg, **{k: data_config[k] for k in _DATA_CFG_KEYS if k in data_config}}
+    metadata = {'trained_with': 'train.py', **metadata, 'checkpoint': checkpoint_path.name,
+                'epoch': checkpoint['epoch'], 'ema': ema}
+    directory = timm_reduce.save_pretrained(model, out_dir, metadata=metadata)
+    _logger.info(f'Saved {"EMA " if ema else ""}weights of {checkpoint_path.name} (epoch {checkpoint["epoch"]}) '
+                 f'to {directory}.')
+    return directory
 
 
 def _is_collective_failure(error: RuntimeError) -> bool:

@@ -63,6 +63,8 @@ def test_one_epoch_writes_timm_outputs_and_a_loadable_reduced_model(runs, strate
     assert checkpoint['args'].reduction_recipe == expected_recipe
     # the exported folder: timm rebuilds the reduced structure and holds the best checkpoint's weights
     loaded = timm.create_model(f'local-dir:{run / "model"}', pretrained=True)
+    # the preprocessing of the run, not vit_tiny_patch16_224's 224 px default
+    assert timm.data.resolve_data_config(model=loaded)['input_size'] == (3, 32, 32)
     state = checkpoint_state(checkpoint)
     assert loaded.state_dict().keys() == state.keys()
     for key, value in loaded.state_dict().items():
@@ -172,7 +174,8 @@ def test_initial_checkpoint_of_a_reduced_model_loads_after_the_reduction(runs, d
 
 
 def test_mismatched_initial_checkpoint_names_its_recipe(runs, data_dir, tmp_path, capsys):
-    code = _run(data_dir, tmp_path, 'bad', '--epochs', '1', '--initial-checkpoint', str(runs['shallow'] / 'last.pth.tar'))
+    start = runs['shallow'] / 'last.pth.tar'
+    code = _run(data_dir, tmp_path, 'bad', '--epochs', '1', '--initial-checkpoint', str(start))
     err = capsys.readouterr().err
     assert code == 2
     assert '--initial-checkpoint does not fit the model' in err
