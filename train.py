@@ -676,7 +676,8 @@ def export_model(model: nn.Module, checkpoint_path: Path, out_dir: Path, *, ema:
     """
     checkpoint = load_training_checkpoint(checkpoint_path)
     model.load_state_dict(checkpoint_state(checkpoint, ema=ema), strict=True)
-    model.pretrained_cfg = {**model.pretrained_cfg, **{k: data_config[k] for k in _DATA_CFG_KEYS if k in data_config}}
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'tag'}  # the base's weight tag is not ours
+    model.pretrained_cfg = {**cfg, **{k: data_config[k] for k in _DATA_CFG_KEYS if k in data_config}}
     metadata = {'trained_with': 'train.py', **metadata, 'checkpoint': checkpoint_path.name,
                 'epoch': checkpoint['epoch'], 'ema': ema}
     directory = timm_reduce.save_pretrained(model, out_dir, metadata=metadata)

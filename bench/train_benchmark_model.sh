@@ -17,4 +17,4 @@ python train.py "$DATA" --train-split train.tar --val-split val.tar \
   --mean 0.4914 0.4822 0.4465 --std 0.2470 0.2435 0.2616 \
   --seed 0 --log-interval 50 --output "$OUT" --experiment cifar10_vit
 # the run's own export (OUT/cifar10_vit/model) done again into the repository, with the run's preprocessing
-python bench/export_run.py "$OUT/cifar10_vit" bench/models/cifar10_vit
+PYTHONPATH=. python bench/export_run.py "$OUT/cifar10_vit" bench/models/cifar10_vit
