@@ -49,7 +49,7 @@ from timm_reduce.serialization import load_reduced_state
 from timm_reduce.summary import model_input_size
 from timm_reduce.training import (
     DistInfo, SharedEma, checkpoint_recipe, checkpoint_state, init_distributed, load_training_checkpoint,
-    param_report, patch_timm_posterize, read_model_weights, recipe_from_flags, recipe_to_text,
+    param_report, patch_timm_posterize, read_model_weights, recipe_from_flags, recipe_to_text, strategy_hooks,
 )
 
 _logger = logging.getLogger('train')
@@ -358,8 +358,12 @@ def train_one_epoch(
         ema_target: nn.Module,
         mixup_fn: Mixup | None,
         saver: CheckpointSaver | None,
+        hooks: list[Any] = (),
 ) -> dict[str, float]:
     """One pass over `loader`; returns loss, lr and images/s.
+
+    `hooks` (the strategies' sparsity hooks) see every optimizer step: masked factor entries get no update and
+    the sparsity schedule advances with the global step.
 
     Images/s counts all ranks and includes data loading; the clock starts after the first update, so start-up
     (worker processes, first allocations) is left out when the epoch has more than one update.
@@ -389,14 +393,20 @@ def train_one_epoch(
                 loss = loss_fn(model(inputs), target)
             scaled = loss / group_size
             if loss_scaler is not None:
+                # the scaler steps inside: hooks only re-apply masks (weights and moments) after the step
                 loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                             parameters=model.parameters(), need_update=last_in_group)
             else:
                 scaled.backward()
                 if last_in_group:
+                    for hook in hooks:
+                        hook.after_backward(num_updates)
                     if args.clip_grad is not None:
                         dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
                     optimizer.step()
+            if last_in_group:
+                for hook in hooks:
+                    hook.after_step(num_updates)
         losses.update(loss.item(), inputs.shape[0])
         images += inputs.shape[0]
         if not last_in_group:
@@ -598,6 +608,9 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
     decreasing = args.eval_metric == 'loss'
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
+    hooks = strategy_hooks(model, recipe)
+    for hook in hooks:
+        hook.setup(model, optimizer, num_epochs * updates_per_epoch)
     if start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -630,7 +643,7 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
         train_metrics = train_one_epoch(
             epoch, train_model, train_loader, optimizer, train_loss_fn, args, dist_info, lr_scheduler=lr_scheduler,
             amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_ema=model_ema, ema_target=ema_target,
-            mixup_fn=mixup_fn, saver=saver)
+            mixup_fn=mixup_fn, saver=saver, hooks=hooks)
         eval_metrics: dict[str, float] = {}
         if val_loader is not None:
             eval_metrics = validate(model, val_loader, args, dist_info, amp_autocast, num_classes)

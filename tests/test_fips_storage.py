@@ -139,3 +139,21 @@ def test_corrupt_file_is_refused(tmp_path):
     safetensors.torch.save_file(state, str(path))
     with pytest.raises(timm_reduce.ReduceError, match='corrupt'):
         timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
+
+
+def test_plain_training_loop_cannot_leave_the_compact_form(tmp_path):
+    """An optimizer without the sparsity hooks (a user's own loop) updates masked entries, but they never reach
+    the output: the saved compact form (unmasked values only) reproduces the trained model exactly."""
+    model = timm_reduce.reduce(tiny_vit(), 'fips', budget=0.5, group_size=2, sparsifier='static', sparsity=0.6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x = images(model, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        model.train()(x).square().mean().backward()
+        opt.step()
+    layers = fips_layers(model).values()
+    assert any(float(layer.factor.detach()[~layer.mask].abs().sum()) > 0 for layer in layers)  # entries moved
+    timm_reduce.save_pretrained(model, tmp_path)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))

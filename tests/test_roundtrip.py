@@ -205,3 +205,13 @@ def test_checkpoints_are_never_unpickled(tmp_path):
     good = tmp_path / 'good.pth'
     torch.save({'state_dict': {'module.w': torch.ones(2)}, 'epoch': 3}, good)
     assert torch.equal(read_weights(good)['w'], torch.ones(2))
+
+
+def test_timm_training_checkpoints_are_readable(tmp_path):
+    import argparse
+
+    from timm_reduce.serialization import read_weights
+
+    path = tmp_path / 'last.pth.tar'
+    torch.save({'state_dict': {'w': torch.ones(3)}, 'args': argparse.Namespace(model='vit'), 'epoch': 2}, path)
+    assert torch.equal(read_weights(path)['w'], torch.ones(3))

@@ -30,7 +30,7 @@ from .record import ReductionRecord, base_name, get_record
 from .sharing import alias_map, count_unique
 
 __all__ = ['save_pretrained', 'encode_state', 'decode_state', 'load_reduced_state', 'plain_model_args',
-           'read_weights', 'WEIGHTS_NAME', 'CONFIG_NAME']
+           'read_weights', 'safe_torch_load', 'WEIGHTS_NAME', 'CONFIG_NAME']
 
 _logger = logging.getLogger(__name__)
 
@@ -94,6 +94,25 @@ def load_reduced_state(model: nn.Module, stored: dict[str, torch.Tensor], source
         raise ReduceError(f'The weights in {source} do not fit the rebuilt architecture: {e}') from e
 
 
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """`torch.load` that never executes code: tensors, plain containers and `argparse.Namespace` (timm training
+    checkpoints store the run's args in one) only.
+
+    Raises:
+        ReduceError: the file is missing, broken, or a pickle that needs code to load.
+    """
+    import argparse
+
+    path = Path(path)
+    if not path.is_file():
+        raise ReduceError(f'Checkpoint {path} does not exist.')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pickles with code objects are refused by weights_only
+        raise ReduceError(f'Cannot read checkpoint {path} safely (weights_only=True): {e}') from e
+
+
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a weights file without executing code: safetensors, or a torch checkpoint with `weights_only=True`.
 
@@ -108,10 +127,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == '.safetensors':
         state = safetensors.torch.load_file(str(path), device='cpu')
     else:
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:  # pickles with code objects are refused by weights_only
-            raise ReduceError(f'Cannot read checkpoint {path} safely (weights_only=True): {e}') from e
+        state = safe_torch_load(path)
         if isinstance(state, dict):
             for key in ('state_dict', 'model', 'module'):
                 if key in state and isinstance(state[key], dict):

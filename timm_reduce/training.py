@@ -5,7 +5,6 @@ Used by the project's `train.py`; the library itself never imports that script.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from torch import nn
 
 from .errors import ReduceError
 from .record import get_record
-from .serialization import read_weights
+from .serialization import read_weights, safe_torch_load
 from .sharing import alias_map, count_unique
 from .spec import ReduceSpec, parse_recipe
 
@@ -170,14 +169,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ReduceError: the file is missing or not a readable checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ReduceError(f'Checkpoint {path} does not exist.')
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a broken file, or a pickle that needs code to load
-        raise ReduceError(f'Cannot read checkpoint {path} (safe loading, weights_only=True): {e}') from e
+    checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict):
         raise ReduceError(f'Checkpoint {path} is not a dict of training state.')
     return checkpoint
@@ -298,3 +290,19 @@ def param_report(model: nn.Module) -> dict[str, int]:
         'params': params,
         'unique_params': count_unique(model),
     }
+
+
+def strategy_hooks(model: nn.Module, recipe: list[ReduceSpec]) -> list[Any]:
+    """Per-step hooks of the recipe's strategies (FiPS sparsity: masks, GMP/RigL schedule), for training.
+
+    The same hooks the calibration engine drives: `setup(model, optimizer, total_steps)`, then per optimizer step
+    `after_backward(step)` before `optimizer.step()` and `after_step(step)` after it.
+    """
+    from .registry import get_strategy
+
+    hooks = []
+    for spec in recipe:
+        make = get_strategy(spec.strategy).calibration_hooks
+        if make is not None:
+            hooks.append(make(model, spec.config))
+    return hooks

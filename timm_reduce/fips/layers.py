@@ -112,8 +112,16 @@ class FipsLinear(nn.Module):
         return self.dense_weight()
 
     def scaled_factor(self) -> torch.Tensor:
-        """V_k, times the per-unit scales when the layer has scaling vectors."""
-        return self.factor if self.scale is None else self.factor * self.scale
+        """V_k with masked entries zeroed, times the per-unit scales when the layer has scaling vectors.
+
+        The mask is applied to the value only: the gradient still reaches every entry (RigL regrows by that dense
+        gradient; the sparsity hooks zero it for masked entries). So a training loop without the hooks can never
+        make the layer compute something its compact saved form (unmasked values only) does not store.
+        """
+        factor = self.factor
+        if not bool(self.mask.all()):
+            factor = factor - (factor * ~self.mask).detach()
+        return factor if self.scale is None else factor * self.scale
 
     def dense_weight(self) -> torch.Tensor:
         w = self.basis.weight @ self.scaled_factor()  # (d, width)
