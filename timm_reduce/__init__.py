@@ -10,6 +10,7 @@ from .record import get_record
 from .api import materialize, reduce
 from .serialization import save_pretrained
 from .summary import format_summary, summary
+from .calibrate import CalibrationConfig, CalibrationReport, calibrate, calibration_report, compress  # noqa: F401
 from . import strategies  # noqa: F401  (registers the built-in strategies)
 from . import entrypoint  # noqa: F401  (registers the `timm_reduce` timm model)
 
