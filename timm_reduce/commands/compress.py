@@ -104,7 +104,10 @@ def _loader(model: nn.Module, args: argparse.Namespace) -> torch.utils.data.Data
     if args.batch_size < 1 or args.calib_batches < 1:
         raise ReduceError('--batch-size and --calib-batches must be >= 1.')
     dataset = timm.data.create_dataset('', root=str(root))
+    from ..summary import model_input_size
+
     config = timm.data.resolve_data_config(model=model)
+    config['input_size'] = model_input_size(model)  # the size the model was built for (img_size overrides)
     dataset.transform = timm.data.create_transform(**config, is_training=False)
     if len(dataset) == 0:
         raise ReduceError(f'--calib-data {root} holds no images.')
