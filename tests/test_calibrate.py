@@ -224,3 +224,41 @@ def test_memory_estimate_formula():
     assert est['cache'] == 4 * 2 * 2 * 4 * 136 * 32
     assert est['activations'] == 4 * 136 * (4 * 128 + 8 * 32)
     assert est['total'] == sum(v for k, v in est.items() if k != 'total')
+
+
+# ---------------------------------------------------------------------------------------------- FiPS end to end
+FIPS = dict(budget=0.5, sparsity=0.5, group_size=2)
+
+
+def _factors(model):
+    from timm_reduce.fips.sparsity import fips_layers
+
+    return fips_layers(model)
+
+
+@pytest.mark.parametrize('sparsifier', ['gmp', 'rigl', 'static'])
+def test_fips_calibration_lowers_every_block_error(sparsifier):
+    data = image_batches()
+    teacher = tiny_vit()
+    # reference: the uncalibrated decomposition, magnitude-pruned straight to the final sparsity
+    start = timm_reduce.reduce(copy.deepcopy(teacher), 'fips', **FIPS, sparsifier='static')
+    model = compress(copy.deepcopy(teacher), 'fips', data=data, sparsifier=sparsifier, delta_t=3, **FIPS, **FAST)
+    before, after = block_errors(start, teacher, data), block_errors(model, teacher, data)
+    assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
+    layers = _factors(model)
+    total = sum(m.mask.numel() for m in layers.values())
+    assert sum(int(m.mask.sum()) for m in layers.values()) == int(total * 0.5)  # final sparsity exactly
+    for m in layers.values():
+        assert torch.count_nonzero(m.factor[~m.mask]) == 0
+
+
+def test_fips_resume_with_changing_masks_equals_uninterrupted(tmp_path):
+    data = image_batches()
+    opts = dict(**FIPS, sparsifier='gmp', delta_t=2, epochs=4, lr=2e-3, batches=4, seed=1)
+    full = compress(tiny_vit(), 'fips', data=data, **opts)
+    compress(tiny_vit(), 'fips', data=data, checkpoint_dir=tmp_path, stop_after=2, **opts)
+    resumed = compress(tiny_vit(), 'fips', data=data, checkpoint_dir=tmp_path, **opts)
+    assert calibration_report(resumed).resumed_from == 2
+    ref = full.state_dict()
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(ref[k], v), k

@@ -26,9 +26,9 @@ def _torchrun(tmp_path: Path, *args: str) -> list[dict]:
     return [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize('strategy,options', [('grouped', ['group_size=2'])]
-                         + ([('fips', ['budget=0.5', 'sparsity=0.5', 'group_size=2'])]
-                            if 'fips' in timm_reduce.list_strategies() else []))
+@pytest.mark.parametrize('strategy,options', [
+    ('fips', ['budget=0.5', 'sparsity=0.5', 'group_size=2', 'sparsifier=rigl', 'delta_t=2']),  # masks move (RigL)
+])
 def test_two_ranks_split_batches_and_stay_identical(tmp_path, strategy, options):
     r0, r1 = _torchrun(tmp_path, strategy, *options)
     for k, v in r0['state'].items():
@@ -44,3 +44,5 @@ def test_two_ranks_split_batches_and_stay_identical(tmp_path, strategy, options)
     # the calibration did change the weights
     start = timm_reduce.reduce(tiny_vit(), strategy, **{k: parse_value(v) for k, v in (o.split('=') for o in options)})
     assert any(not torch.equal(v, r0['state'][k]) for k, v in start.state_dict().items())
+    start_masks = {k: v for k, v in start.state_dict().items() if v.dtype == torch.bool}
+    assert start_masks and any(not torch.equal(v, r0['masks'][k]) for k, v in start_masks.items())  # RigL exchanged

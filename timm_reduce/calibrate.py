@@ -54,6 +54,7 @@ from .errors import ReduceError
 from .record import get_record
 from .registry import get_strategy
 from .sharing import unique_tensors
+from .spec import ReduceSpec
 
 __all__ = ['CalibrationConfig', 'CalibrationReport', 'calibrate', 'compress', 'calibration_report', 'estimate_memory']
 
@@ -710,7 +711,8 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
         data: calibration images: a DataLoader or any iterable of image batches or (images, targets) tuples.
         **options: the strategy's options plus the calibration options of `CalibrationConfig` (`epochs`, `batches`,
             `lr`, `weight_decay`, `warmup_steps`, `min_lr_ratio`, `seed`, `shuffle`, `cache`, `checkpoint_dir`,
-            `stop_after`, `progress`, `callback`, `count_flops`).
+            `stop_after`, `progress`, `callback`, `count_flops`). An option both take (e.g. fips's `seed`) goes
+            to both.
 
     Returns:
         The model (the same object). `calibration_report(model)` gives the CalibrationReport.
@@ -719,17 +721,15 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
         ReduceError: no data, an unknown or invalid option (strategy or calibration), malformed batches.
     """
     calib_names = set(CalibrationConfig.option_names())
-    calib = {k: v for k, v in options.items() if k in calib_names}
-    strategy_options = {k: v for k, v in options.items() if k not in calib_names}
     if data is None:
         raise ReduceError('compress() needs calibration data: pass data=<a DataLoader or an iterable of image batches '
                           'or (images, targets) tuples>. For a reduction without data use timm_reduce.reduce().')
+    name = strategy.strategy if isinstance(strategy, ReduceSpec) else str(strategy).partition(':')[0].strip()
+    shared = calib_names & set(get_strategy(name).option_names)  # e.g. `seed`: given to both
+    calib = {k: v for k, v in options.items() if k in calib_names}
+    strategy_options = {k: v for k, v in options.items() if k not in calib_names or k in shared}
     config = CalibrationConfig(**calib)  # validate before any work
     spec = as_spec(strategy, strategy_options)
-    clash = sorted(calib_names & set(get_strategy(spec.strategy).option_names))
-    if clash:
-        raise ReduceError(f'Strategy {spec.strategy!r} has options named like calibration options ({clash}); '
-                          f'call reduce() and calibrate() separately.')
     teacher = copy.deepcopy(model)
     teacher.eval()
     teacher.requires_grad_(False)
