@@ -85,6 +85,7 @@ class CalibrationConfig:
         progress: show tqdm progress bars (rank 0 only).
         callback: called as `callback(report)` after every epoch (after its checkpoint is written).
         count_flops: count the FLOPs of one step (torch FlopCounterMode) into `report.step_flops`.
+        evaluate: measure the per-block and output errors before and after (two extra passes over the batches).
     """
 
     epochs: int = 20
@@ -101,6 +102,7 @@ class CalibrationConfig:
     progress: bool = False
     callback: Callable[['CalibrationReport'], Any] | None = None
     count_flops: bool = False
+    evaluate: bool = True
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -601,7 +603,7 @@ def _run(engine: _Engine, total_batches: int) -> CalibrationReport:
         start = _resume(ckpt_path, fingerprint, engine, optimizer, scheduler, report)
     if config.cache != 'none':
         engine.build_cache()
-    if start == 0:
+    if start == 0 and config.evaluate:
         report.block_error_before, report.output_error_before = engine.evaluate()
 
     from tqdm.auto import tqdm
@@ -660,7 +662,8 @@ def _run(engine: _Engine, total_batches: int) -> CalibrationReport:
             config.callback(report)
     epochs_bar.close()
     report.completed = report.epochs_done == config.epochs
-    report.block_error_after, report.output_error_after = engine.evaluate()
+    if config.evaluate:
+        report.block_error_after, report.output_error_after = engine.evaluate()
     return report
 
 
@@ -711,7 +714,7 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
         data: calibration images: a DataLoader or any iterable of image batches or (images, targets) tuples.
         **options: the strategy's options plus the calibration options of `CalibrationConfig` (`epochs`, `batches`,
             `lr`, `weight_decay`, `warmup_steps`, `min_lr_ratio`, `seed`, `shuffle`, `cache`, `checkpoint_dir`,
-            `stop_after`, `progress`, `callback`, `count_flops`). An option both take (e.g. fips's `seed`) goes
+            `stop_after`, `progress`, `callback`, `count_flops`, `evaluate`). An option both take (e.g. fips's `seed`) goes
             to both.
 
     Returns:
