@@ -224,8 +224,18 @@ def reset_peak_rss() -> bool:
 
 
 # -------------------------------------------------------------------------------------------------- main
-def load_model(model_dir: str) -> nn.Module:
-    return timm.create_model(f'local-dir:{Path(model_dir).resolve()}', pretrained=True).eval()
+_WEIGHTS: dict[str, torch.Tensor] = {}
+
+
+def load_model(model_dir: str, weights: str | None = None) -> nn.Module:
+    """The benchmark model from a save_pretrained folder; `weights` (a timm training checkpoint) replaces its weights."""
+    model = timm.create_model(f'local-dir:{Path(model_dir).resolve()}', pretrained=True)
+    if weights:
+        if weights not in _WEIGHTS:
+            state = torch.load(weights, map_location='cpu', weights_only=False)  # a local, trusted timm checkpoint
+            _WEIGHTS[weights] = state.get('state_dict', state)
+        model.load_state_dict(_WEIGHTS[weights], strict=True)
+    return model.eval()
 
 
 def run(args: argparse.Namespace) -> None:
@@ -233,7 +243,7 @@ def run(args: argparse.Namespace) -> None:
     out_json = Path(args.out)
     records = json.loads(out_json.read_text()) if out_json.is_file() and args.resume else []
     done = {(r['method'], r['budget']) for r in records}
-    base = load_model(args.model_dir)
+    base = load_model(args.model_dir, args.weights)
     gen = torch.Generator().manual_seed(args.seed)
     train_root = str(Path(args.data) / 'train.tar')
     n_calib = args.calib_batches * args.batch_size
@@ -247,6 +257,7 @@ def run(args: argparse.Namespace) -> None:
     machine = {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(), 'threads': args.threads,
                'torch': torch.__version__, 'timm': timm.__version__}
     command = 'python ' + ' '.join(sys.argv)
+    model_source = {'model_dir': str(args.model_dir), 'weights': args.weights}
     print(f'machine {machine}\ncommand {command}', flush=True)
     mlp_weights = sum(getattr(s.mlp, n).weight.numel() for s in find_mlp_sites(base) for n in ('fc1', 'fc2'))
 
@@ -257,7 +268,7 @@ def run(args: argparse.Namespace) -> None:
         write_table(records, out_json.with_suffix('.md'))
 
     common = {'calib_images': n_calib, 'batch_size': args.batch_size, 'epochs': args.epochs, 'lr': args.lr,
-              'val_images': len(val_images), 'machine': machine, 'command': command}
+              'val_images': len(val_images), 'machine': machine, 'command': command, 'model': model_source}
     if ('original', 1.0) not in done and not args.no_original:
         tic = time.perf_counter()
         acc = top1(base, val_images, val_targets)
@@ -273,7 +284,7 @@ def run(args: argparse.Namespace) -> None:
             if spec is None:
                 continue
             strategy, options = spec
-            model = load_model(args.model_dir)
+            model = load_model(args.model_dir, args.weights)
             roof_before = matmul_roof()
             rss_before = _status_kib('VmRSS')
             peak_ok = reset_peak_rss()
@@ -342,6 +353,7 @@ def write_table(records: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model-dir', required=True)
+    parser.add_argument('--weights', help='a timm training checkpoint (.pth.tar) to load into --model-dir\'s model')
     parser.add_argument('--data', default='/work/shared/data/cifar10')
     parser.add_argument('--calib-batches', type=int, default=8)
     parser.add_argument('--batch-size', type=int, default=64)
