@@ -228,7 +228,7 @@ _WEIGHTS: dict[str, torch.Tensor] = {}
 
 
 def load_model(model_dir: str, weights: str | None = None) -> nn.Module:
-    """The benchmark model from a save_pretrained folder; `weights` (a timm training checkpoint) replaces its weights."""
+    """The benchmark model from a save_pretrained folder; `weights` (a timm training checkpoint) replaces them."""
     model = timm.create_model(f'local-dir:{Path(model_dir).resolve()}', pretrained=True)
     if weights:
         if weights not in _WEIGHTS:

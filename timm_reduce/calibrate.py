@@ -714,8 +714,8 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
         data: calibration images: a DataLoader or any iterable of image batches or (images, targets) tuples.
         **options: the strategy's options plus the calibration options of `CalibrationConfig` (`epochs`, `batches`,
             `lr`, `weight_decay`, `warmup_steps`, `min_lr_ratio`, `seed`, `shuffle`, `cache`, `checkpoint_dir`,
-            `stop_after`, `progress`, `callback`, `count_flops`, `evaluate`). An option both take (e.g. fips's `seed`) goes
-            to both.
+            `stop_after`, `progress`, `callback`, `count_flops`, `evaluate`). An option both take (e.g. fips's
+            `seed`) goes to both.
 
     Returns:
         The model (the same object). `calibration_report(model)` gives the CalibrationReport.
