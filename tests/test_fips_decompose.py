@@ -75,6 +75,19 @@ def test_hybrid_growth_layout_keeps_weights():
     torch.testing.assert_close(layer.factor[d:], layer.factor[:layer.rank - d] / 4.0, rtol=0, atol=0)
 
 
+def test_scaling_vectors_reproduce_weights_and_normalise_units():
+    model = tiny_vit().double()
+    before = _reference_weights(model)
+    timm_reduce.reduce(model, 'fips', budget=0.5, sparsity=0.75, s0=0.0, group_size=2, scaling_vectors=True)
+    for name, layer in fips_layers(model).items():
+        torch.testing.assert_close(layer.dense_weight(), before[name], rtol=0, atol=1e-12)
+        unit_axis = 1 if name.endswith('fc1') else 0  # fc1 rows / fc2 columns are the hidden units
+        torch.testing.assert_close(layer.scale, before[name].norm(dim=unit_axis), rtol=1e-12, atol=0)
+        # the normalised units have norm 1: ‖U V_k[:, j]‖ = 1 (U has orthonormal leading columns, zero grown ones)
+        torch.testing.assert_close((layer.basis.weight @ layer.factor).norm(dim=0),
+                                   torch.ones(layer.factor.shape[1], dtype=torch.float64), rtol=1e-10, atol=0)
+
+
 def test_split_growth_repeats_rows_when_growth_exceeds_dim():
     gen = torch.Generator().manual_seed(0)
     slices = [torch.randn(4, 6, generator=gen, dtype=torch.float64) for _ in range(3)]
@@ -135,7 +148,6 @@ def test_gated_mlps_decompose_exactly_at_full_rank(make):
     (dict(sparsifier='dense', sparsity=0.5), "sparsifier='dense'"),
     (dict(groups=[[0, 1], [2]]), 'do not cover blocks \\[3\\]'),
     (dict(groups=[[0, 1]], group_size=2), 'either group_size or groups'),
-    (dict(scaling_vectors=True), 'not implemented'),
     (dict(sparsifier='magic'), 'must be one of'),
     (dict(budget=0.001), 'too small'),
     (dict(t0=0.8, t_end=0.5), 't0 and t_end'),

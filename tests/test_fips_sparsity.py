@@ -9,7 +9,7 @@ import torch
 import timm_reduce
 from timm_reduce import get_strategy
 from timm_reduce.fips import fips_layers, gmp_sparsity, prune, rigl_drop_fraction, select_top
-from timm_reduce.fips.sparsity import keep_count
+from timm_reduce.fips.sparsity import keep_count, magnitude_keys
 
 from fips_utils import images, tiny_vit
 
@@ -42,8 +42,12 @@ def _calibrate(model, steps, hooks, on_step=None, lr=1e-2, weight_decay=0.05):
     return opt
 
 
+def _keys(scores):
+    return [magnitude_keys(s, s >= 0) for s in scores]
+
+
 def test_select_top_is_exact_with_ties():
-    scores = [torch.tensor([[3.0, 1.0, 1.0], [1.0, -1.0, 0.0]]), torch.tensor([1.0, 2.0, 1.0])]
+    scores = _keys([torch.tensor([[3.0, 1.0, 1.0], [1.0, -1.0, 0.0]]), torch.tensor([1.0, 2.0, 1.0])])
     masks = select_top(scores, 4)  # 3, 2, then two of the five 1.0s, earliest first
     assert [m.tolist() for m in masks] == [[[True, True, True], [False, False, False]], [False, True, False]]
     assert sum(int(m.sum()) for m in select_top(scores, 100)) == 8  # the -1 entry is never eligible
@@ -52,7 +56,7 @@ def test_select_top_is_exact_with_ties():
 def test_select_top_matches_a_sort():
     gen = torch.Generator().manual_seed(0)
     scores = [torch.rand(50, 70, generator=gen), torch.rand(30, generator=gen) * 2]
-    masks = select_top(scores, 1234)
+    masks = select_top(_keys(scores), 1234)
     flat = torch.cat([s.reshape(-1) for s in scores])
     expected = flat >= flat.sort(descending=True).values[1233]
     assert torch.equal(torch.cat([m.reshape(-1) for m in masks]), expected)

@@ -4,6 +4,8 @@ Every linear of an MLP is put in (d x width) orientation (input linears transpos
 slices are concatenated along the long axis: C = [W_1 | W_2 | ...] (d x M). With C = Q S Pᵀ,
 U = Q[:, :r] is the shared basis and V = Uᵀ C = (S Pᵀ)[:r] is cut back into per-layer factors V_k (r x width_k), so
 that W_k ≈ U V_k. The SVD is taken from the short side: the d x d Gram matrix C Cᵀ and its `eigh`, in float64.
+With scaling vectors (paper §5) every hidden unit (column of a slice) is normalised before the decomposition and its
+norm kept as a per-unit scale: W_k ≈ U V_k diag(scale_k).
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ Growth = Literal['hybrid', 'random', 'split']
 
 @dataclass
 class GroupFactors:
-    """The decomposition of one group: `basis` (d x r) and one factor (r x width_k) per input slice."""
+    """The decomposition of one group: `basis` (d x r), one factor (r x width_k) per input slice and, with scaling
+    vectors, one scale (width_k) per slice."""
 
     basis: torch.Tensor
     factors: list[torch.Tensor]
+    scales: list[torch.Tensor] | None = None
 
     @property
     def rank(self) -> int:
@@ -92,6 +96,7 @@ def decompose_group(
         growth: Growth = 'hybrid',
         beta: float = 32.0,
         generator: torch.Generator | None = None,
+        scaling_vectors: bool = False,
 ) -> GroupFactors:
     """Shared basis and per-slice factors of `slices` (each d x width_k), at `rank`.
 
@@ -107,8 +112,15 @@ def decompose_group(
                           f'must have the same model dimension.')
     if device.type == 'meta':
         basis = torch.empty(dim, rank, dtype=dtype, device=device)
-        return GroupFactors(basis, [torch.empty(rank, w, dtype=dtype, device=device) for w in widths])
+        scales = [torch.empty(w, dtype=dtype, device=device) for w in widths] if scaling_vectors else None
+        return GroupFactors(basis, [torch.empty(rank, w, dtype=dtype, device=device) for w in widths], scales)
     concat = torch.cat([s.to(torch.float64) for s in slices], 1)
+    scales = None
+    if scaling_vectors:
+        norms = concat.norm(dim=0)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))  # an all-zero unit keeps scale 1
+        concat = concat / norms
+        scales = [n.to(dtype).contiguous() for n in torch.split(norms, widths)]
     gram = concat @ concat.T
     _, eigvecs = torch.linalg.eigh(gram)
     eigvecs = eigvecs.flip(1)  # eigh sorts ascending; the leading directions come first
@@ -118,4 +130,4 @@ def decompose_group(
     if rank > dim:
         basis, factors = _grow(basis, factors, rank, growth, beta, generator)
     pieces = torch.split(factors, widths, dim=1)
-    return GroupFactors(basis.to(dtype).contiguous(), [p.to(dtype).contiguous() for p in pieces])
+    return GroupFactors(basis.to(dtype).contiguous(), [p.to(dtype).contiguous() for p in pieces], scales)
