@@ -14,6 +14,7 @@ bench/results/compress_accuracy.md (`--table-only A.json B.json` merges the resu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -170,12 +171,19 @@ def stored_mlp_weights(model: nn.Module) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- data
-def load_images(root: str, model: nn.Module, indices: list[int] | None, cache: Path | None) -> tuple[torch.Tensor, ...]:
+def load_images(root: str, model: nn.Module, indices: list[int] | None, cache_dir: Path | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of `root` (all, or `indices`) through the model's eval transforms, with their targets.
+
+    With `cache_dir`, the tensors are kept there under a name derived from the data and the transform settings.
+    """
+    config = timm.data.resolve_data_config(model=model)
+    config['input_size'] = model_input_size(model)
+    key = hashlib.sha256(json.dumps([root, indices, sorted(config.items())], default=str).encode()).hexdigest()[:16]
+    cache = cache_dir / f'images_{key}.pt' if cache_dir is not None else None
     if cache is not None and cache.is_file():
         return torch.load(cache)
     dataset = timm.data.create_dataset('', root=root)
-    config = timm.data.resolve_data_config(model=model)
-    config['input_size'] = model_input_size(model)
     dataset.transform = timm.data.create_transform(**config, is_training=False)
     indices = list(range(len(dataset))) if indices is None else indices
     items = [dataset[i] for i in indices]
@@ -183,7 +191,9 @@ def load_images(root: str, model: nn.Module, indices: list[int] | None, cache: P
     targets = torch.tensor([int(y) for _, y in items])
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save((images, targets), cache)
+        tmp = cache.with_suffix(f'.{os.getpid()}.tmp')
+        torch.save((images, targets), tmp)
+        os.replace(tmp, cache)
     return images, targets
 
 
@@ -249,9 +259,9 @@ def run(args: argparse.Namespace) -> None:
     n_calib = args.calib_batches * args.batch_size
     total = len(timm.data.create_dataset('', root=train_root))
     calib_idx = torch.randperm(total, generator=gen)[:n_calib].tolist()
-    calib_images, _ = load_images(train_root, base, calib_idx, None)
+    calib_images, _ = load_images(train_root, base, calib_idx, Path(args.image_cache))
     calib = list(calib_images.split(args.batch_size))
-    val_images, val_targets = load_images(str(Path(args.data) / 'val.tar'), base, None, Path(args.val_cache))
+    val_images, val_targets = load_images(str(Path(args.data) / 'val.tar'), base, None, Path(args.image_cache))
     if args.val_limit:
         val_images, val_targets = val_images[:args.val_limit], val_targets[:args.val_limit]
     machine = {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(), 'threads': args.threads,
@@ -366,7 +376,7 @@ def main() -> None:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--threads', type=int, default=1, help='torch threads (1 is fastest on a loaded machine)')
     parser.add_argument('--val-limit', type=int, default=0, help='evaluate on the first N test images (0 = all)')
-    parser.add_argument('--val-cache', default='/tmp/timm_reduce_bench/cifar10_val.pt')
+    parser.add_argument('--image-cache', default='/tmp/timm_reduce_bench', help='folder caching decoded images')
     parser.add_argument('--out', default=str(RESULTS / 'compress_accuracy.json'))
     parser.add_argument('--no-original', action='store_true', help='do not evaluate the original model')
     parser.add_argument('--resume', action='store_true', help='skip (method, budget) pairs already in --out')

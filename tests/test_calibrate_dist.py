@@ -46,3 +46,17 @@ def test_two_ranks_split_batches_and_stay_identical(tmp_path, strategy, options)
     assert any(not torch.equal(v, r0['state'][k]) for k, v in start.state_dict().items())
     start_masks = {k: v for k, v in start.state_dict().items() if v.dtype == torch.bool}
     assert start_masks and any(not torch.equal(v, r0['masks'][k]) for k, v in start_masks.items())  # RigL exchanged
+
+
+def test_rank_disagreement_raises(monkeypatch):
+    from timm_reduce import ReduceError
+    from timm_reduce.calibrate import _check_identical
+
+    def fake_all_gather(out, mine):  # rank 1 reports another hash
+        out[0].copy_(mine)
+        out[1].copy_(mine + 1)
+
+    monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(torch.distributed, 'all_gather', fake_all_gather)
+    with pytest.raises(ReduceError, match='sparsity masks differ between ranks'):
+        _check_identical('sparsity masks', 1234)
