@@ -360,6 +360,33 @@ def write_table(records: list[dict[str, Any]], path: Path) -> None:
     path.write_text('\n'.join(lines) + '\n')
 
 
+def probe_memory(args: argparse.Namespace) -> None:
+    """One calibration epoch in this fresh process: peak resident memory growth vs. the engine's formula (JSON)."""
+    torch.set_num_threads(args.threads)
+    method, budget = args.probe_memory[0], float(args.probe_memory[1])
+    model = load_model(args.model_dir, args.weights)
+    root = str(Path(args.data) / 'train.tar')
+    total = len(timm.data.create_dataset('', root=root))
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(args.seed))[:args.calib_batches * args.batch_size]
+    calib = list(load_images(root, model, idx.tolist(), Path(args.image_cache))[0].split(args.batch_size))
+    strategy, options = method_spec(method, budget, args.group_size, args.calib_batches)
+    # warm-up on one batch: library code pages and kernel caches touched once are not calibration memory
+    timm_reduce.compress(load_model(args.model_dir, args.weights), strategy, data=calib[:1], epochs=1, batches=1,
+                         cache=args.cache, evaluate=False, **options)
+    rss = _status_kib('VmRSS')
+    if not reset_peak_rss():
+        raise SystemExit('cannot reset the peak RSS (/proc/self/clear_refs)')
+    timm_reduce.compress(model, strategy, data=calib, epochs=1, batches=args.calib_batches, lr=args.lr,
+                         cache=args.cache, evaluate=False, **options)
+    peak = (_status_kib('VmHWM') - rss) * 1024
+    estimate = calibration_report(model).memory_estimate
+    base = load_model(args.model_dir, args.weights)
+    teacher = sum(p.numel() * p.element_size() for p in base.parameters())
+    print(json.dumps({'method': method, 'budget': budget, 'cache': args.cache, 'batch_size': args.batch_size,
+                      'batches': args.calib_batches, 'peak_rss_growth_bytes': peak, 'formula': estimate,
+                      'teacher_copy_bytes': teacher, 'command': 'python ' + ' '.join(sys.argv)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model-dir', required=True)
@@ -380,6 +407,8 @@ def main() -> None:
     parser.add_argument('--out', default=str(RESULTS / 'compress_accuracy.json'))
     parser.add_argument('--no-original', action='store_true', help='do not evaluate the original model')
     parser.add_argument('--resume', action='store_true', help='skip (method, budget) pairs already in --out')
+    parser.add_argument('--probe-memory', nargs=2, metavar=('METHOD', 'BUDGET'),
+                        help='measure one calibration epoch\'s peak memory in this process and print JSON')
     parser.add_argument('--table-only', nargs='*', metavar='JSON',
                         help='merge these result files into --out and its Markdown table, without running')
     args = parser.parse_args()
@@ -387,6 +416,9 @@ def main() -> None:
         records = [r for f in args.table_only for r in json.loads(Path(f).read_text())]
         Path(args.out).write_text(json.dumps(records, indent=1))
         write_table(records, Path(args.out).with_suffix('.md'))
+        return
+    if args.probe_memory:
+        probe_memory(args)
         return
     run(args)
 

@@ -218,10 +218,10 @@ def test_calibrate_rejects_a_teacher_with_other_blocks():
 def test_memory_estimate_formula():
     config = CalibrationConfig(cache='bf16')
     est = estimate_memory(config, trainable_params=1000, image_shape=(8, 3, 32, 32), batches=4,
-                          block_shapes=[(136, 32, 128)] * 4)
+                          block_shapes=[(136, 32, 128, False)] + [(136, 32, 128, True)] * 3)
     assert est['images'] == 4 * 4 * 8 * 3 * 32 * 32
     assert est['optimizer'] == 12 * 1000
-    assert est['cache'] == 4 * 2 * 2 * 4 * 136 * 32
+    assert est['cache'] == 2 * 4 * 136 * 32 * (2 + 1 + 1 + 1)  # bf16: block 0 in + out, blocks 1-3 out only
     assert est['activations'] == 4 * 136 * (4 * 128 + 8 * 32)
     assert est['total'] == sum(v for k, v in est.items() if k != 'total')
 

@@ -15,7 +15,8 @@ width `d_i` and MLP hidden width `h_i`, `P` trainable parameters, `s` = 2 for `c
 
     images      4 * N * B * C * H * W                      (the calibration batches, held once)
     optimizer   12 * P                                     (gradients + AdamW's two moments)
-    cache       sum_i 2 * s * N * B * T_i * d_i            (only with cache='bf16' | 'fp32')
+    cache       sum_i c_i * s * N * B * T_i * d_i          (only with cache='bf16' | 'fp32'; c_i = 1 when block i's
+                                                             input is block i-1's output, else 2 (input + output))
     activations 4 * B * max_i T_i * (4 * h_i + 8 * d_i)    (one block at a time: teacher inputs are consumed
                                                              as the teacher forward produces them, and each
                                                              student block's graph is freed by its backward)
@@ -210,7 +211,7 @@ def estimate_memory(
         trainable_params: int,
         image_shape: tuple[int, ...],
         batches: int,
-        block_shapes: list[tuple[int, int, int]],
+        block_shapes: list[tuple[int, int, int, bool]],
 ) -> dict[str, int]:
     """The module docstring's memory formula, in bytes.
 
@@ -219,15 +220,19 @@ def estimate_memory(
         trainable_params: P, the trainable parameters.
         image_shape: one batch's shape (B, C, H, W).
         batches: calibration batches held by this process.
-        block_shapes: per block (B * T_i, d_i, h_i): rows of the token matrix, width and MLP hidden width.
+        block_shapes: per block (B * T_i, d_i, h_i, chained_i): rows of the token matrix, width, MLP hidden width,
+            and whether the block's input is the previous block's output (then the cache stores it once).
     """
     images = 4 * batches * math.prod(image_shape)
     optimizer = 12 * trainable_params
     size = {'none': 0, 'bf16': 2, 'fp32': 4}[config.cache]
-    cache = sum(2 * size * batches * rows * d for rows, d, _ in block_shapes)
-    activations = 4 * max((rows * (4 * h + 8 * d) for rows, d, h in block_shapes), default=0)
+    cache = sum(size * batches * rows * d * (1 if chained else 2) for rows, d, _, chained in block_shapes)
+    activations = 4 * max((rows * (4 * h + 8 * d) for rows, d, h, _ in block_shapes), default=0)
     return {'images': images, 'optimizer': optimizer, 'cache': cache, 'activations': activations,
             'total': images + optimizer + cache + activations}
+
+
+_PREVIOUS = object()  # cache marker: this block's input is the previous block's output
 
 
 class _StopForward(Exception):
@@ -366,7 +371,7 @@ class _Engine:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.cache: list[list[tuple]] | None = None
-        self.block_shapes: list[tuple[int, int, int]] = []
+        self.block_shapes: list[tuple[int, int, int, bool]] = []
 
     # ----------------------------------------------------------------------------------------------- modes
     def set_modes(self) -> None:
@@ -401,37 +406,51 @@ class _Engine:
             for h in handles:
                 h.remove()
 
-    def _cast(self, args: tuple) -> tuple:
-        dtype = {'bf16': torch.bfloat16, 'fp32': torch.float32}[self.config.cache]
-        first, rest = args[0], args[1:]
-        return (first.to(dtype) if isinstance(first, torch.Tensor) and first.is_floating_point() else first, *rest)
-
-    def _uncast(self, args: tuple) -> tuple:
-        first, rest = args[0], args[1:]
-        return (first.to(self.dtype) if isinstance(first, torch.Tensor) else first, *rest)
-
     def build_cache(self) -> None:
+        """Store every block's teacher input and output for every local batch in the cache dtype.
+
+        A block whose input is the previous block's output (a plain sequence of blocks) stores no input of its own.
+        """
         dtype = {'bf16': torch.bfloat16, 'fp32': torch.float32}[self.config.cache]
         self.cache = []
         for images in self.batches:
             entries: list[tuple] = []
-            self.teacher_blocks_io(images, lambda i, a, k, o: entries.append((self._cast(a), k, o.to(dtype))))
+            previous: list[Any] = [None]
+
+            def visit(i: int, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+                first = args[0]
+                if previous[0] is not None and first is previous[0]:
+                    first = _PREVIOUS
+                elif isinstance(first, torch.Tensor) and first.is_floating_point():
+                    first = first.to(dtype, copy=True)
+                entries.append(((first, *args[1:]), kwargs, out.to(dtype, copy=True)))
+                previous[0] = out
+
+            self.teacher_blocks_io(images, visit)
             self.cache.append(entries)
 
     def for_each_block(self, index: int, fn: Callable[[int, tuple, dict, torch.Tensor], None]) -> None:
         """Call `fn(block, args, kwargs, teacher_output)` for every block of local batch `index`."""
-        if self.cache is not None:
-            for i, (args, kwargs, out) in enumerate(self.cache[index]):
-                fn(i, self._uncast(args), kwargs, out.to(self.dtype))
-        else:
+        if self.cache is None:
             self.teacher_blocks_io(self.batches[index], fn)
+            return
+        entries = self.cache[index]
+        for i, (args, kwargs, out) in enumerate(entries):
+            first = entries[i - 1][2] if args[0] is _PREVIOUS else args[0]
+            if isinstance(first, torch.Tensor):
+                first = first.to(self.dtype)
+            fn(i, (first, *args[1:]), kwargs, out.to(self.dtype))
 
     def record_shapes(self) -> None:
-        shapes: list[tuple[int, int, int]] = []
+        """Per block (rows, width, hidden width, input is the previous block's output), from one teacher forward."""
+        shapes: list[tuple[int, int, int, bool]] = []
+        previous: list[Any] = [None]
 
         def visit(i: int, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
             mlp = self.sites[i].mlp
-            shapes.append((out.numel() // out.shape[-1], out.shape[-1], mlp.fc2.in_features))
+            chained = previous[0] is not None and args[0] is previous[0]
+            shapes.append((out.numel() // out.shape[-1], out.shape[-1], mlp.fc2.in_features, chained))
+            previous[0] = out
 
         self.teacher_blocks_io(self.batches[0], visit)
         self.block_shapes = shapes
