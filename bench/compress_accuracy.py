@@ -348,7 +348,8 @@ def write_table(records: list[dict[str, Any]], path: Path) -> None:
     runs = [r for r in records if r['method'] != 'original']
     if runs:
         r0 = runs[0]
-        lines += ['', f"Top-1 (%) on {r0['val_images']:,} CIFAR-10 test images (no fine-tuning); model {r0.get('model')}; calibration: {r0['calib_images']} "
+        lines += ['', f"Top-1 (%) on {r0['val_images']:,} CIFAR-10 test images (no fine-tuning); model {r0.get('model')}; "
+                      f"calibration: {r0['calib_images']} "
                       f"train images ({r0['batch_size']} per batch), {r0['epochs']} epochs, lr {r0['lr']}.", '',
                   '| method | budget | stored MLP weights | bytes at rest | epoch (s) | loop GFLOP/s | roof GFLOP/s | '
                   'of roof |', '|---' * 8 + '|']
@@ -371,7 +372,8 @@ def probe_memory(args: argparse.Namespace) -> None:
     model = load_model(args.model_dir, args.weights)
     root = str(Path(args.data) / 'train.tar')
     total = len(timm.data.create_dataset('', root=root))
-    idx = torch.randperm(total, generator=torch.Generator().manual_seed(args.seed))[:args.calib_batches * args.batch_size]
+    gen = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(total, generator=gen)[:args.calib_batches * args.batch_size]
     calib = list(load_images(root, model, idx.tolist(), Path(args.image_cache))[0].split(args.batch_size))
     strategy, options = method_spec(method, budget, args.group_size, args.calib_batches)
     # warm-up on one batch: library code pages and kernel caches touched once are not calibration memory

@@ -40,7 +40,8 @@ def main() -> None:
     base = load_model(args.model_dir, args.weights)
     root = str(Path(args.data) / 'train.tar')
     total = len(timm.data.create_dataset('', root=root))
-    idx = torch.randperm(total, generator=torch.Generator().manual_seed(args.seed))[:args.calib_batches * args.batch_size]
+    gen = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(total, generator=gen)[:args.calib_batches * args.batch_size]
     calib = list(load_images(root, base, idx.tolist(), Path(args.image_cache))[0].split(args.batch_size))
     steps = args.epochs * args.calib_batches
     rows = []
