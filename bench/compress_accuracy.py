@@ -348,7 +348,8 @@ def write_table(records: list[dict[str, Any]], path: Path) -> None:
     runs = [r for r in records if r['method'] != 'original']
     if runs:
         r0 = runs[0]
-        lines += ['', f"Top-1 (%) on {r0['val_images']:,} CIFAR-10 test images (no fine-tuning); model {r0.get('model')}; "
+        lines += ['', f"Top-1 (%) on {r0['val_images']:,} CIFAR-10 test images (no fine-tuning); "
+                      f"model {r0.get('model')}; "
                       f"calibration: {r0['calib_images']} "
                       f"train images ({r0['batch_size']} per batch), {r0['epochs']} epochs, lr {r0['lr']}.", '',
                   '| method | budget | stored MLP weights | bytes at rest | epoch (s) | loop GFLOP/s | roof GFLOP/s | '
