@@ -335,7 +335,7 @@ def _tensor_hash(tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
     digest = hashlib.sha256()
     for name, t in tensors:
         digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return int.from_bytes(digest.digest()[:8], 'little', signed=True)
 
 
