@@ -296,6 +296,17 @@ def run(args: argparse.Namespace) -> None:
                 continue
             strategy, options = spec
             model = load_model(args.model_dir, args.weights)
+            if args.no_calibrate:
+                if method in ('fips_gmp', 'fips_rigl'):  # their schedules run during calibration
+                    continue
+                timm_reduce.reduce(model, strategy, **options)
+                acc = top1(model, val_images, val_targets)
+                stored = stored_mlp_weights(model)
+                save({'method': method, 'budget': budget, 'strategy': strategy, 'options': options, 'top1': acc,
+                      'calibrated': False, 'stored_mlp_weights': stored, 'stored_fraction': stored / mlp_weights,
+                      **common})
+                print(f'{method:<18} {budget:>5.0%} top1 {acc:6.2f}% without calibration', flush=True)
+                continue
             roof_before = matmul_roof()
             rss_before = _status_kib('VmRSS')
             peak_ok = reset_peak_rss()
@@ -337,14 +348,19 @@ METHOD_NAMES = {
 def write_table(records: list[dict[str, Any]], path: Path) -> None:
     budgets = sorted({r['budget'] for r in records if r['method'] != 'original'})
     original = next((r for r in records if r['method'] == 'original'), None)
-    lines = ['| method | ' + ' | '.join(f'{b:.0%}' for b in budgets) + ' |', '|---' * (len(budgets) + 1) + '|']
+    uncalibrated = [r for r in records if r.get('calibrated') is False]
+    records = [r for r in records if r.get('calibrated') is not False]
+    lines = ['| method (calibrated) | ' + ' | '.join(f'{b:.0%}' for b in budgets) + ' | reduce only: '
+             + ' / '.join(f'{b:.0%}' for b in budgets) + ' |', '|---' * (len(budgets) + 2) + '|']
     for method, name in METHOD_NAMES.items():
         row = {r['budget']: r for r in records if r['method'] == method}
-        if row:
+        plain = {r['budget']: r for r in uncalibrated if r['method'] == method}
+        if row or plain:
             lines.append(f'| {name} | ' + ' | '.join(f"{row[b]['top1']:.2f}" if b in row else '–' for b in budgets)
+                         + ' | ' + ' / '.join(f"{plain[b]['top1']:.2f}" if b in plain else '–' for b in budgets)
                          + ' |')
     if original:
-        lines.append(f"| original model (100%) | {original['top1']:.2f}" + ' |' * len(budgets))
+        lines.append(f"| original model (100%) | {original['top1']:.2f}" + ' |' * (len(budgets) + 1))
     runs = [r for r in records if r['method'] != 'original']
     if runs:
         r0 = runs[0]
@@ -412,6 +428,8 @@ def main() -> None:
     parser.add_argument('--val-limit', type=int, default=0, help='evaluate on the first N test images (0 = all)')
     parser.add_argument('--image-cache', default='/tmp/timm_reduce_bench', help='folder caching decoded images')
     parser.add_argument('--out', default=str(RESULTS / 'compress_accuracy.json'))
+    parser.add_argument('--no-calibrate', action='store_true',
+                        help='reduce only (no calibration): what the calibration adds; FiPS GMP/RigL are skipped')
     parser.add_argument('--no-original', action='store_true', help='do not evaluate the original model')
     parser.add_argument('--resume', action='store_true', help='skip (method, budget) pairs already in --out')
     parser.add_argument('--probe-memory', nargs=2, metavar=('METHOD', 'BUDGET'),
