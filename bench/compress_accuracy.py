@@ -361,7 +361,9 @@ def write_table(records: list[dict[str, Any]], path: Path) -> None:
                          + ' |')
     if original:
         lines.append(f"| original model (100%) | {original['top1']:.2f}" + ' |' * (len(budgets) + 1))
-    runs = [r for r in records if r['method'] != 'original']
+    order = list(METHOD_NAMES)
+    runs = sorted((r for r in records if r['method'] != 'original'),
+                  key=lambda r: (order.index(r['method']), r['budget']))
     if runs:
         r0 = runs[0]
         lines += ['', f"Top-1 (%) on {r0['val_images']:,} CIFAR-10 test images (no fine-tuning); "
