@@ -32,7 +32,8 @@ def mlp_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for k, t in encode_state(model).items() if '.mlp.' in k)
 
 
-def run(name: str, budgets: list[float], sparsity: float, group_size: int, repeats: int) -> dict:
+def run(name: str, budgets: list[float], sparsity: float, group_size: int, repeats: int,
+        storage_dtype: str = 'float32') -> dict:
     torch.manual_seed(0)
     base = timm.create_model(name, pretrained=False).eval()
     dense_bytes = mlp_bytes(base)
@@ -45,7 +46,7 @@ def run(name: str, budgets: list[float], sparsity: float, group_size: int, repea
             model.load_state_dict(base.state_dict())
             start, cpu_start = time.perf_counter(), time.process_time()
             timm_reduce.reduce(model, 'fips', budget=budget, sparsity=sparsity, group_size=group_size,
-                               sparsifier='static')
+                               sparsifier='static', storage_dtype=storage_dtype)
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
             loads.append(os.getloadavg()[0])
@@ -62,8 +63,8 @@ def run(name: str, budgets: list[float], sparsity: float, group_size: int, repea
         print(f'{name} budget={budget:.2f} rank={rows[-1]["rank"]} init={min(times):.2f}s '
               f'(cpu {min(cpu_times):.2f}s, load {loads[times.index(min(times))]:.1f}) '
               f'stored={stored / dense_weights:.3f} bytes={compact / dense_bytes:.3f}x', flush=True)
-    return {'model': name, 'sparsity': sparsity, 'group_size': group_size, 'mlp_weight_params': dense_weights,
-            'rows': rows}
+    return {'model': name, 'sparsity': sparsity, 'group_size': group_size, 'storage_dtype': storage_dtype,
+            'mlp_weight_params': dense_weights, 'rows': rows}
 
 
 def main() -> None:
@@ -73,13 +74,18 @@ def main() -> None:
     parser.add_argument('--sparsity', type=float, default=0.75)
     parser.add_argument('--group-size', type=int, default=4)
     parser.add_argument('--repeats', type=int, default=2)
+    parser.add_argument('--storage-dtype', default='float32', choices=['float32', 'bfloat16'])
+    parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch default)')
     parser.add_argument('--output', default=str(Path(__file__).parent / 'results' / 'fips_init.json'))
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     results = {
-        'command': 'python bench/fips_init.py',
+        'command': ' '.join(['python', 'bench/fips_init.py', *sys.argv[1:]]),
         'torch': torch.__version__, 'timm': timm.__version__, 'threads': torch.get_num_threads(),
         'machine': platform.machine(), 'processor': platform.processor(),
-        'runs': [run(m, args.budgets, args.sparsity, args.group_size, args.repeats) for m in args.models],
+        'runs': [run(m, args.budgets, args.sparsity, args.group_size, args.repeats, args.storage_dtype)
+                 for m in args.models],
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2))

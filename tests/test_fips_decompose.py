@@ -14,6 +14,7 @@ from timm_reduce import ReduceError
 from timm_reduce.fips import FipsLinear, decompose_group, fips_layers, rank_for_budget
 
 from fips_utils import images, mlp_linears, tiny_eva, tiny_swin, tiny_vit
+from fips_utils import one_thread  # noqa: F401  (autouse fixture)
 
 DEIT_B_RANKS = {0.10: 273, 0.25: 682, 0.40: 1092, 0.50: 1365, 0.75: 2048}
 
@@ -51,7 +52,7 @@ def test_full_rank_reproduces_weights_float64_with_growth(growth):
     x = images(model, dtype=torch.float64)
     with torch.no_grad():
         expected = model(x)
-    # d = 32, groups of 2: N = 32·512; budget 0.5 at s = 0.75 -> r = ⌊8192/160⌋ = 51 > d: growth path; s0 = 0: no pruning
+    # d = 32, groups of 2: N = 32·512; budget 0.5 at s = 0.75 -> r = ⌊8192/160⌋ = 51 > d (growth); s0 = 0: no pruning
     timm_reduce.reduce(model, 'fips', budget=0.5, sparsity=0.75, s0=0.0, group_size=2, growth=growth)
     layers = fips_layers(model)
     assert {m.rank for m in layers.values()} == {51}

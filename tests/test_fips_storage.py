@@ -13,6 +13,7 @@ import timm_reduce
 from timm_reduce.fips import fips_layers, pack_bits, unpack_bits
 
 from fips_utils import images, tiny_swin, tiny_vit
+from fips_utils import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _tensor_bytes(path: Path) -> int:

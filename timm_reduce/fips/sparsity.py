@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from ..errors import ReduceError
+from .decompose import single_thread
 from .layers import FipsLinear
 
 __all__ = ['fips_layers', 'keep_count', 'magnitude_keys', 'select_top', 'prune', 'gmp_sparsity', 'rigl_drop_fraction',
            'FipsSparsifier', 'make_hooks']
+
 
 def fips_layers(model: nn.Module) -> dict[str, FipsLinear]:
     """Every FipsLinear of `model` by its dotted path, in model order."""
@@ -63,6 +65,8 @@ def select_top(keys: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
         low += torch.bincount((b[(b >> 16) == top] & 0xFFFF), minlength=1 << 16).cpu()
     bottom, remaining = _digit_at_rank(low, need)  # `remaining` entries equal to the threshold are taken
     threshold = (top << 16) | bottom
+    if remaining == int(low[bottom]):  # every tie is taken (the usual case): one comparison per tensor
+        return [b >= threshold for b in keys]
     out = []
     for b in keys:
         above = b > threshold
@@ -100,6 +104,12 @@ def prune(layers: Sequence[FipsLinear], sparsity: float, scope: str = 'global',
     """
     if not layers:
         return
+    with single_thread():  # memory-bound passes; thread barriers only cost on a shared CPU
+        _prune(layers, sparsity, scope, optimizer)
+
+
+def _prune(layers: Sequence[FipsLinear], sparsity: float, scope: str,
+           optimizer: torch.optim.Optimizer | None) -> None:
     scores = [magnitude_keys(m.factor, m.mask) for m in layers]
     if scope == 'global':
         keeps = select_top(scores, keep_count(sum(m.mask.numel() for m in layers), sparsity))
@@ -147,9 +157,10 @@ class FipsSparsifier:
 
     def __init__(self, model: nn.Module, config: Any) -> None:
         self.config = config
-        self.layers = fips_layers(model)
-        if not self.layers:
+        self.all_layers = fips_layers(model)
+        if not self.all_layers:
             raise ReduceError('fips hooks: the model has no FiPS layers; apply reduce(model, "fips", ...) first.')
+        self.layers = self.all_layers  # the factors the schedule acts on (those the optimizer trains)
         self.optimizer: torch.optim.Optimizer | None = None
         self.total_steps = 0
         self.t0 = self.t_end = 0
@@ -167,7 +178,7 @@ class FipsSparsifier:
         return self.config.start_sparsity
 
     def sparsity(self) -> float:
-        """Current sparsity over all factors."""
+        """Current sparsity over the scheduled factors."""
         total = sum(m.mask.numel() for m in self.layers.values())
         return 1.0 - sum(m.active for m in self.layers.values()) / total
 
@@ -186,10 +197,21 @@ class FipsSparsifier:
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int) -> None:
         """Remember the optimizer (its moments get masked) and the run length; prune to the start sparsity if the
-        masks are not there yet (a resumed run keeps its masks)."""
+        masks are not there yet (a resumed run keeps its masks).
+
+        The schedule acts on the factors this optimizer trains (all of them when it is None): one joint run over
+        the whole model prunes globally across the model; a run per group of blocks prunes within that group.
+        """
         if total_steps < 1:
             raise ReduceError(f'fips hooks: total_steps must be >= 1, got {total_steps}.')
-        self.layers = fips_layers(model)
+        self.all_layers = fips_layers(model)
+        self.layers = self.all_layers
+        if optimizer is not None:
+            trained = {id(p) for group in optimizer.param_groups for p in group['params']}
+            self.layers = {n: m for n, m in self.all_layers.items() if id(m.factor) in trained}
+            if not self.layers:
+                raise ReduceError('fips hooks: the optimizer trains none of the FiPS factors; pass the optimizer '
+                                  'of the calibrated blocks (it must hold their `factor` parameters).')
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.t0 = math.floor(self.config.t0 * total_steps)
@@ -202,6 +224,8 @@ class FipsSparsifier:
 
     def after_backward(self, step: int) -> None:
         """Keep the dense gradient where RigL will need it, then zero the gradients of masked entries."""
+        if self.config.sparsifier == 'dense':
+            return
         if self._rigl_step(step):
             self._dense_grads = {n: m.factor.grad.detach().clone() for n, m in self.layers.items()
                                  if m.factor.grad is not None}
@@ -213,6 +237,8 @@ class FipsSparsifier:
     def after_step(self, step: int) -> None:
         """Re-apply the masks to factors and optimizer moments; prune or exchange entries on schedule."""
         self.last_step = step
+        if self.config.sparsifier == 'dense':
+            return
         layers = list(self.layers.values())
         if self._prune_step(step):
             target = gmp_sparsity(step, self.final_sparsity, self.start_sparsity, self.t0, self.t_end)
@@ -257,8 +283,8 @@ class FipsSparsifier:
         self.total_steps = int(state['total_steps']) or self.total_steps
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """`{'<layer path>.mask': bool mask}` of every factor (the live buffers; do not modify)."""
-        return {f'{name}.mask': m.mask for name, m in self.layers.items()}
+        """`{'<layer path>.mask': bool mask}` of every factor of the model (the live buffers; do not modify)."""
+        return {f'{name}.mask': m.mask for name, m in self.all_layers.items()}
 
 
 def keep_sparsity(layers: dict[str, FipsLinear] | Sequence[FipsLinear], sparsity: float, scope: str) -> float:

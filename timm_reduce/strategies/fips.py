@@ -126,7 +126,7 @@ def group_slices(mlp: nn.Module) -> list[tuple[str, bool]]:
 
 def _check_mlp(site: MlpSite) -> None:
     mlp = site.mlp
-    for name, transposed in group_slices(mlp):
+    for name, _ in group_slices(mlp):
         layer = getattr(mlp, name)
         if isinstance(layer, FipsLinear):
             raise ReduceError(f'fips: block {site.path} is already reduced with fips.')
@@ -136,11 +136,6 @@ def _check_mlp(site: MlpSite) -> None:
     if mlp.fc2.out_features != getattr(mlp, input_linears(mlp)[0]).in_features:
         raise ReduceError(f'fips: {site.path}.mlp maps {getattr(mlp, input_linears(mlp)[0]).in_features} -> '
                           f'{mlp.fc2.out_features} features; a shared basis needs the same dimension in and out.')
-    for name, _ in group_slices(mlp):
-        weight = getattr(mlp, name).weight
-        if weight.device.type != 'meta' and not torch.isfinite(weight).all():
-            raise ReduceError(f'fips: {site.path}.mlp.{name}.weight contains NaN or infinite values; '
-                              f'cannot decompose it.')
 
 
 @register_strategy('fips', FipsConfig, calibration_hooks=make_hooks,
@@ -171,8 +166,12 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig) -> No
         rank = rank_for_budget(slices[0].shape[0], [s.shape[1] for s in slices], config.budget,
                                config.target_sparsity)
         plans.append((members, slices, owners, rank))
+    decomposed = []  # decompose every group (NaN checks included) before installing any
     for members, slices, owners, rank in plans:
-        parts = decompose_group(slices, rank, config.growth, config.beta, generator, config.scaling_vectors)
+        names = [f'{site.path}.mlp.{name}.weight' for site, name, _ in owners]
+        decomposed.append(decompose_group(slices, rank, config.growth, config.beta, generator,
+                                          config.scaling_vectors, names))
+    for (members, slices, owners, rank), parts in zip(plans, decomposed):
         basis = FipsBasis(parts.basis, [s.path for s in members])
         basis.weight.requires_grad_(any(getattr(s.mlp, n).weight.requires_grad for s, n, _ in owners))
         scales = parts.scales or [None] * len(parts.factors)
