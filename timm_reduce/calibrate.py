@@ -152,7 +152,8 @@ class CalibrationReport:
     Attributes:
         blocks: block paths, in model order.
         block_error_before / block_error_after: per block, MSE between the student block (fed the teacher's
-            input) and the teacher block's output, before and after calibration.
+            input) and the teacher block's output, before and after calibration. "Before" is the model as
+            `reduce()` left it: for FiPS with GMP that is the start sparsity s0, not the final one.
         output_error_before / output_error_after: MSE between the student's and the teacher's model outputs.
         epoch_loss: per epoch, the mean over steps of the summed block MSE (averaged over ranks).
         epoch_time: seconds per epoch (this process).
