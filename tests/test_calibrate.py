@@ -262,3 +262,16 @@ def test_fips_resume_with_changing_masks_equals_uninterrupted(tmp_path):
     ref = full.state_dict()
     for k, v in resumed.state_dict().items():
         assert torch.equal(ref[k], v), k
+
+
+def test_swin_cache_across_stages_matches_recomputation():
+    # stage 2's first block gets the downsampled tensor, not block 1's output: the cache must store that input itself
+    data = image_batches(n=2)
+    opts = dict(group_size=2, epochs=2, lr=2e-3, batches=2)
+    ref = compress(tiny_swin(), 'grouped', data=data, **opts).state_dict()
+    cached = compress(tiny_swin(), 'grouped', data=data, cache='fp32', **opts)
+    assert all(torch.equal(ref[k], v) for k, v in cached.state_dict().items())
+    report = calibration_report(cached)
+    # fp32, 2 batches; stage 1: 8 x 16 x 16 tokens of width 16, stage 2: 8 x 8 x 8 of width 32; per stage the
+    # first block stores its input and output, the second only its output
+    assert report.memory_estimate['cache'] == 4 * 2 * (3 * 8 * 16 * 16 * 16 + 3 * 8 * 8 * 8 * 32)
