@@ -437,10 +437,16 @@ def main() -> None:
     parser.add_argument('--probe-memory', nargs=2, metavar=('METHOD', 'BUDGET'),
                         help='measure one calibration epoch\'s peak memory in this process and print JSON')
     parser.add_argument('--table-only', nargs='*', metavar='JSON',
-                        help='merge these result files into --out and its Markdown table, without running')
+                        help='merge these result files (later ones replace the same runs of earlier ones) into --out '
+                             'and its Markdown table, without running')
     args = parser.parse_args()
     if args.table_only is not None:
-        records = [r for f in args.table_only for r in json.loads(Path(f).read_text())]
+        merged: dict[tuple, dict] = {}  # a later file's run of the same (method, budget, calibrated) replaces it
+        for f in args.table_only:
+            for r in json.loads(Path(f).read_text()):
+                merged.pop((r['method'], r['budget'], r.get('calibrated', True)), None)
+                merged[(r['method'], r['budget'], r.get('calibrated', True))] = r
+        records = list(merged.values())
         Path(args.out).write_text(json.dumps(records, indent=1))
         write_table(records, Path(args.out).with_suffix('.md'))
         return
