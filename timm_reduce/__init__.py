@@ -12,6 +12,7 @@ from .api import materialize, reduce
 from .serialization import save_pretrained
 from .hub import push_to_hub
 from .summary import format_summary, summary
+from .calibrate import CalibrationConfig, CalibrationReport, calibrate, calibration_report, compress  # noqa: F401
 from . import strategies  # noqa: F401  (registers the built-in strategies)
 from . import entrypoint  # noqa: F401  (registers the `timm_reduce` timm model)
 
