@@ -47,9 +47,10 @@ from timm_reduce.entrypoint import build_reduced
 from timm_reduce.errors import ReduceError
 from timm_reduce.serialization import load_reduced_state
 from timm_reduce.summary import model_input_size
+from timm_reduce.hooks import RecipeHooks, recipe_hooks
 from timm_reduce.training import (
     DistInfo, SharedEma, checkpoint_recipe, checkpoint_state, init_distributed, load_training_checkpoint,
-    param_report, patch_timm_posterize, read_model_weights, recipe_from_flags, recipe_to_text, strategy_hooks,
+    param_report, patch_timm_posterize, read_model_weights, recipe_from_flags, recipe_to_text,
 )
 
 _logger = logging.getLogger('train')
@@ -358,7 +359,7 @@ def train_one_epoch(
         ema_target: nn.Module,
         mixup_fn: Mixup | None,
         saver: CheckpointSaver | None,
-        hooks: list[Any] = (),
+        hooks: RecipeHooks | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns loss, lr and images/s.
 
@@ -399,14 +400,13 @@ def train_one_epoch(
             else:
                 scaled.backward()
                 if last_in_group:
-                    for hook in hooks:
-                        hook.after_backward(num_updates)
+                    if hooks is not None:
+                        hooks.after_backward(num_updates)
                     if args.clip_grad is not None:
                         dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
                     optimizer.step()
-            if last_in_group:
-                for hook in hooks:
-                    hook.after_step(num_updates)
+            if last_in_group and hooks is not None:
+                hooks.after_step(num_updates)
         losses.update(loss.item(), inputs.shape[0])
         images += inputs.shape[0]
         if not last_in_group:
@@ -608,9 +608,8 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
     decreasing = args.eval_metric == 'loss'
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
-    hooks = strategy_hooks(model, recipe)
-    for hook in hooks:
-        hook.setup(model, optimizer, num_epochs * updates_per_epoch)
+    hooks = recipe_hooks(model, recipe)  # FiPS: masks kept, sparsity schedule over the whole run
+    hooks.setup(model, optimizer, num_epochs * updates_per_epoch)
     if start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)

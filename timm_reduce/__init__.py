@@ -1,8 +1,7 @@
 """timm_reduce: make timm vision transformers smaller by sharing, pruning and decomposing their MLPs."""
 __version__ = '0.1.0'
 
-from .errors import ReduceError, UnsupportedModelError
-from .errors import HubError
+from .errors import HubError, ReduceError, UnsupportedModelError
 from .spec import ReduceSpec
 from .registry import Strategy, get_strategy, list_strategies, register_strategy
 from .discovery import MlpSite, find_mlp_sites
@@ -12,13 +11,13 @@ from .api import materialize, reduce
 from .serialization import save_pretrained
 from .hub import push_to_hub
 from .summary import format_summary, summary
-from .calibrate import CalibrationConfig, CalibrationReport, calibrate, calibration_report, compress  # noqa: F401
+from .calibrate import CalibrationConfig, CalibrationReport, calibrate, calibration_report, compress
 from . import strategies  # noqa: F401  (registers the built-in strategies)
 from . import entrypoint  # noqa: F401  (registers the `timm_reduce` timm model)
 
 __all__ = [
-    'ReduceError', 'ReduceSpec', 'MlpSite', 'Strategy', 'UnsupportedModelError', 'find_mlp_sites', 'format_summary',
-    'get_record', 'get_strategy', 'list_strategies', 'materialize', 'reduce', 'register_strategy', 'save_pretrained',
-    'summary', 'unique_parameters',
-    'HubError', 'push_to_hub',
+    'CalibrationConfig', 'CalibrationReport', 'HubError', 'MlpSite', 'ReduceError', 'ReduceSpec', 'Strategy',
+    'UnsupportedModelError', 'calibrate', 'calibration_report', 'compress', 'find_mlp_sites', 'format_summary',
+    'get_record', 'get_strategy', 'list_strategies', 'materialize', 'push_to_hub', 'reduce', 'register_strategy',
+    'save_pretrained', 'summary', 'unique_parameters',
 ]

@@ -52,7 +52,7 @@ from torch import nn
 from .api import as_spec, reduce
 from .discovery import MlpSite, find_mlp_sites
 from .errors import ReduceError
-from .record import get_record
+from .hooks import RecipeHooks, recipe_hooks
 from .registry import get_strategy
 from .sharing import unique_tensors
 from .spec import ReduceSpec
@@ -241,51 +241,6 @@ class _StopForward(Exception):
     """Raised from the last block's hook: the rest of the teacher forward is not needed."""
 
 
-class _Hooks:
-    """Calls every strategy hook object of a recipe in turn (usually exactly one)."""
-
-    def __init__(self, hooks: list[Any]) -> None:
-        self.hooks = hooks
-
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
-        for h in self.hooks:
-            h.setup(model, optimizer, total_steps)
-
-    def after_backward(self, step: int) -> None:
-        for h in self.hooks:
-            h.after_backward(step)
-
-    def after_step(self, step: int) -> None:
-        for h in self.hooks:
-            h.after_step(step)
-
-    def state_dict(self) -> list[dict]:
-        return [h.state_dict() for h in self.hooks]
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        if len(states) != len(self.hooks):
-            raise ReduceError('calibration checkpoint: it holds state for a different number of strategy hooks.')
-        for h, s in zip(self.hooks, states):
-            h.load_state_dict(s)
-
-    def masks(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for i, h in enumerate(self.hooks):
-            out.update({f'{i}.{k}': v for k, v in h.masks().items()})
-        return out
-
-
-def _recipe_hooks(model: nn.Module) -> _Hooks:
-    """Hook objects of the model's reduction recipe (strategies registered with `calibration_hooks`)."""
-    record = get_record(model)
-    hooks = []
-    for spec in record.recipe if record else []:
-        make = get_strategy(spec.strategy).calibration_hooks
-        if make is not None:
-            hooks.append(make(model, spec.config))
-    return _Hooks(hooks)
-
-
 def _batch_images(batch: Any, index: int) -> torch.Tensor:
     if isinstance(batch, (tuple, list)) and batch:
         batch = batch[0]
@@ -356,7 +311,7 @@ class _Engine:
     """The state of one calibration run: student/teacher blocks, held batches, optimizer, schedule, hooks."""
 
     def __init__(self, model: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], config: CalibrationConfig,
-                 hooks: _Hooks, rank: int, world: int) -> None:
+                 hooks: RecipeHooks, rank: int, world: int) -> None:
         self.model, self.teacher, self.batches, self.config = model, teacher, batches, config
         self.hooks, self.rank, self.world = hooks, rank, world
         sites = find_mlp_sites(model)
@@ -574,11 +529,11 @@ def calibrate(
     rank, world = _dist()
     batches, total_batches = _collect_batches(data, config.batches, rank, world)
     if hooks == 'auto':
-        hooks = _recipe_hooks(model)
+        hooks = recipe_hooks(model)
     elif hooks is None:
-        hooks = _Hooks([])
-    elif not isinstance(hooks, _Hooks):
-        hooks = _Hooks([hooks])
+        hooks = RecipeHooks([])
+    elif not isinstance(hooks, RecipeHooks):
+        hooks = RecipeHooks([hooks])
 
     engine = _Engine(model, teacher, batches, config, hooks, rank, world)
     was_training = model.training

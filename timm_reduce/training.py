@@ -291,18 +291,3 @@ def param_report(model: nn.Module) -> dict[str, int]:
         'unique_params': count_unique(model),
     }
 
-
-def strategy_hooks(model: nn.Module, recipe: list[ReduceSpec]) -> list[Any]:
-    """Per-step hooks of the recipe's strategies (FiPS sparsity: masks, GMP/RigL schedule), for training.
-
-    The same hooks the calibration engine drives: `setup(model, optimizer, total_steps)`, then per optimizer step
-    `after_backward(step)` before `optimizer.step()` and `after_step(step)` after it.
-    """
-    from .registry import get_strategy
-
-    hooks = []
-    for spec in recipe:
-        make = get_strategy(spec.strategy).calibration_hooks
-        if make is not None:
-            hooks.append(make(model, spec.config))
-    return hooks
