@@ -147,11 +147,20 @@ def method_spec(method: str, budget: float, group_size: int, total_steps: int) -
         return 'shallow', {'keep': budget, 'importance': 'first'}
     if method == 'shallow_magnitude':
         return 'shallow', {'keep': budget, 'importance': 'magnitude'}
-    if method == 'grouped':
+    if method in ('grouped', 'morph_scalar', 'morph_channel'):
         size = round(1 / budget)
-        return ('grouped', {'group_size': size}) if abs(1 / size - budget) < 1e-9 and size <= 6 and 6 % size == 0 \
-            else None
+        if not (abs(1 / size - budget) < 1e-9 and size <= 6 and 6 % size == 0):
+            return None  # sharing whole layers only reaches 1/k of the MLP weights on 6 blocks
+        if method == 'grouped':
+            return 'grouped', {'group_size': size}
+        return 'morphreuse', {'scope': 'group', 'group_size': size, 'scale': method.split('_')[1]}
+    if method == 'morph_core':
+        # per-block projections d x c twice + one small core: c = budget x hidden width of the benchmark ViT (512)
+        return 'morphreuse', {'variant': 'core', 'core_dim': max(1, round(budget * MLP_HIDDEN))}
     raise ValueError(method)
+
+
+MLP_HIDDEN = 512  # the benchmark ViT's MLP hidden width (embed dim 128, mlp_ratio 4)
 
 
 def stored_mlp_weights(model: nn.Module) -> int:
@@ -342,6 +351,8 @@ METHOD_NAMES = {
     'fips_dense': 'FiPS (dense factors)', 'svd': 'per-layer truncated SVD', 'magnitude': 'magnitude pruning (global)',
     'shallow_first': 'ShallowMLP (first-k)', 'shallow_magnitude': 'ShallowMLP (magnitude)',
     'grouped': 'GroupedMLP (mean init)',
+    'morph_scalar': 'MorphReuse shape, scalar scales', 'morph_channel': 'MorphReuse shape, channel scales',
+    'morph_core': 'MorphReuse core (c = budget x 512)',
 }
 
 
