@@ -12,7 +12,7 @@ from .record import base_name, get_record
 from .serialization import encode_state
 from .sharing import count_unique
 
-__all__ = ['summary', 'format_summary', 'count_macs', 'model_input_size']
+__all__ = ['summary', 'format_summary', 'count_macs', 'model_input_size', 'stored_params']
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -40,12 +40,26 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] | None = None) -> i
     return counter.get_total_flops() // 2
 
 
+def stored_params(model: nn.Module) -> int:
+    """Parameters the saved file holds: unique tensors, a masked tensor (FiPS factor) counted by its non-zeros."""
+    from .sharing import tensor_identity
+
+    counts: dict[tuple, int] = {}
+    for module in model.modules():
+        mask = getattr(module, 'mask', None)
+        for p in module.parameters(recurse=False):
+            masked = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == p.shape
+            counts.setdefault(tensor_identity(p), int(mask.sum()) if masked else p.numel())
+    return sum(counts.values())
+
+
 def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, macs: bool = True) -> dict[str, Any]:
     """Size and cost of a (reduced) timm model.
 
     Returns a dict with:
         params: parameters as the forward pass uses them (a shared tensor counted once per use);
-        unique_params: parameters stored (shared tensors once);
+        unique_params: distinct parameters (shared tensors once);
+        stored_params: what the saved file holds: unique parameters, sparse (masked) tensors by their non-zeros;
         params_before / mlp_params_before: of the dense model before reduction (equal to now if never reduced);
         mlp_params: unique parameters of the block MLPs now;
         bytes: tensor bytes of the saved form (model.safetensors without its small JSON header);
@@ -72,12 +86,14 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, macs: b
             'shared_with': group if group != site.index else None,
         })
     mlp_now = mlp_unique_params(model)
+    stored = stored_params(model)
     info = {
         'model': type(model).__name__,
         'base': base_name(model),
         'recipe': [str(s) for s in record.recipe] if record else [],
         'params': params,
         'unique_params': count_unique(model),
+        'stored_params': stored,
         'params_before': record.params_before if record else params,
         'mlp_params_before': record.mlp_params_before if record else mlp_now,
         'mlp_params': mlp_now,
@@ -108,6 +124,8 @@ def format_summary(info: dict[str, Any], blocks: bool = True) -> str:
         f"recipe         {' -> '.join(info['recipe']) or '(not reduced)'}",
         f"params         {info['params']:,} (as used in the forward pass)",
         f"unique params  {info['unique_params']:,} ({info['unique_params'] / before:.1%} of {before:,})",
+        f"stored params  {info['stored_params']:,} ({info['stored_params'] / before:.1%}, sparse tensors by their "
+        f"non-zeros)",
         f"MLP params     {info['mlp_params']:,} ({info['mlp_params'] / mlp_before:.1%} of {mlp_before:,})",
         f"bytes at rest  {info['bytes']:,} ({mb:.2f} MiB)",
     ]
