@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ReduceError
-from ..spec import parse_value
+from ._common import parse_kv
 
 # CLI flags that are options of some strategies only: flag attribute -> option name
 _STRATEGY_FLAGS = {'budget': 'budget', 'sparsity': 'sparsity', 'group_size': 'group_size', 'sparsifier': 'sparsifier'}
@@ -54,16 +54,6 @@ def add_parser(subparsers: Any) -> None:
     cal.add_argument('--no-progress', action='store_true', help='no progress bars')
     p.add_argument('--output', required=True, help='folder for the compressed model (save_pretrained format)')
     p.set_defaults(func=run)
-
-
-def _parse_pairs(items: list[str], flag: str) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ReduceError(f'{flag} expects KEY=VALUE items, got {item!r}.')
-        out[key.replace('-', '_')] = parse_value(value)
-    return out
 
 
 def _load_model(args: argparse.Namespace, kwargs: dict[str, Any]) -> nn.Module:
@@ -140,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             raise ReduceError(f'{flag} does not apply to strategy {args.strategy!r}; its options are '
                               f'{", ".join(strategy.option_names)} (set them with --set key=value).')
         options[name] = value
-    extra = _parse_pairs(args.set, '--set')
+    extra = parse_kv(args.set, '--set option')
     calib_names = set(CalibrationConfig.option_names())
     for key in extra:
         if key not in calib_names and key not in strategy.option_names:
@@ -159,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     rank, world = _init_distributed(device)
     if device == 'cuda' and world > 1:
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
-    model = _load_model(args, _parse_pairs(args.model_kwargs, '--model-kwargs')).to(device)
+    model = _load_model(args, parse_kv(args.model_kwargs, '--model-kwargs item')).to(device)
     loader = _loader(model, args)
     before = summary(model, macs=False)
     tic = time.perf_counter()
