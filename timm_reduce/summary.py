@@ -50,7 +50,9 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, macs: b
         mlp_params: unique parameters of the block MLPs now;
         bytes: tensor bytes of the saved form (model.safetensors without its small JSON header);
         macs: multiply-accumulates of one image at `input_size` (default: the model's data config);
-        recipe: the reductions applied; blocks: one row per block (path, kind, hidden units, params, group).
+        recipe: the reductions applied; blocks: one row per block (path, kind, hidden units, params, group);
+        layers: one row per module that reports itself via `summary_info()` (e.g. FiPS bases and factors: rank,
+            sparsity, stored params, bytes), each with its `path`.
     """
     record = get_record(model)
     params = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
@@ -81,6 +83,8 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, macs: b
         'mlp_params': mlp_now,
         'bytes': sum(t.numel() * t.element_size() for t in encode_state(model, for_disk=False).values()),
         'blocks': blocks,
+        'layers': [{'path': path, **module.summary_info()} for path, module in model.named_modules()
+                   if callable(getattr(module, 'summary_info', None))],
     }
     if macs:
         info['macs'] = count_macs(model, input_size)
@@ -115,4 +119,14 @@ def format_summary(info: dict[str, Any], blocks: bool = True) -> str:
         for b in info['blocks']:
             shared = f"block {b['shared_with']}" if b['shared_with'] is not None else ''
             lines.append(f"{b['path']:<22} {b['type']:<10} {b['hidden']:>7} {b['params']:>12,}  {shared}")
+    if blocks and info.get('layers'):
+        lines.append('')
+        lines.append(f"{'layer':<28} {'kind':<12} {'rank':>6} {'sparsity':>9} {'stored params':>14} {'bytes':>12}")
+        for row in info['layers']:
+            sparsity = f"{row['sparsity']:.1%}" if 'sparsity' in row else ''
+            lines.append(f"{row['path']:<28} {row.get('kind', ''):<12} {row.get('rank', ''):>6} {sparsity:>9} "
+                         f"{row.get('stored_params', 0):>14,} {row.get('bytes', 0):>12,}")
+        stored = sum(r.get('stored_params', 0) for r in info['layers'])
+        nbytes = sum(r.get('bytes', 0) for r in info['layers'])
+        lines.append(f"{'total':<28} {'':<12} {'':>6} {'':>9} {stored:>14,} {nbytes:>12,}")
     return '\n'.join(lines)

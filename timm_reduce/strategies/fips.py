@@ -1,0 +1,184 @@
+"""FiPS: Fine-grained Parameter Sharing. One shared SVD basis per group of MLPs + sparse per-layer factors.
+
+The algorithm lives in `timm_reduce.fips` (decompose -> layers -> sparsity); this file holds the options and the
+`apply` that wires it into a model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..discovery import MlpSite, resolve_groups
+from ..errors import ReduceError
+from ..fips.decompose import decompose_group, rank_for_budget
+from ..fips.layers import FipsBasis, FipsLinear
+from ..fips.sparsity import fips_layers, make_hooks, prune
+from ..hidden_units import input_linears
+from ..registry import register_strategy
+
+__all__ = ['FipsConfig', 'apply_fips', 'group_slices']
+
+_DEFAULT_SPARSITY = 0.75
+
+
+@dataclass
+class FipsConfig:
+    """Options of `fips`.
+
+    Attributes:
+        budget: fraction of the original MLP weight parameters stored (dense bases + the factors' non-zeros at the
+            final sparsity), in (0, 1]. Biases stay dense, outside the budget.
+        sparsity: final sparsity of the factors, in [0, 1); default 0.75 (0 with `sparsifier='dense'`).
+        group_size: consecutive blocks sharing one basis (default 4); groups never span two stages (Swin).
+        groups: explicit groups of block indices instead of `group_size`, e.g. `[[0, 1, 2, 3], [4, 5]]`.
+        growth: how the basis grows past d components when the budget asks for rank r > d: `'hybrid'` (zero basis
+            columns + top factor rows / beta), `'random'` (zero basis columns + random rows of std(V) / beta) or
+            `'split'` (neuron splitting: a direction and its factor row split into equal copies).
+        beta: divisor of the grown factor rows (hybrid and random growth).
+        scaling_vectors: per-neuron scales (paper §5). Not implemented; True raises an error.
+        sparsifier: `'gmp'` (cubic schedule from s0 to `sparsity` during calibration), `'rigl'` (constant
+            sparsity, drop/regrow), `'static'` (pruned once) or `'dense'` (no masks, sparsity 0).
+        pruning: `'global'` (one magnitude threshold over all factors of the model) or `'local'` (same sparsity in
+            every factor).
+        s0: GMP start sparsity (capped at `sparsity`): `reduce()` prunes to it, calibration raises it to `sparsity`.
+        delta_t: steps between GMP pruning / RigL exchange updates.
+        t0: fraction of the calibration steps at which GMP starts raising sparsity.
+        t_end: fraction of the calibration steps at which GMP reaches `sparsity` and RigL stops exchanging.
+        drop_fraction: RigL's initial exchange fraction q (decays as (q/2)(1 + cos(pi t / t_end))).
+        storage_dtype: dtype of the factors' non-zero values in the saved file (`'bfloat16'` halves them, lossy).
+        seed: seed of the random growth.
+    """
+
+    budget: float = 0.25
+    sparsity: float | None = None
+    group_size: int | None = None
+    groups: list[list[int]] | None = None
+    growth: Literal['hybrid', 'random', 'split'] = 'hybrid'
+    beta: float = 32.0
+    scaling_vectors: bool = False
+    sparsifier: Literal['gmp', 'rigl', 'static', 'dense'] = 'gmp'
+    pruning: Literal['global', 'local'] = 'global'
+    s0: float = 0.25
+    delta_t: int = 50
+    t0: float = 0.0
+    t_end: float = 0.75
+    drop_fraction: float = 0.3
+    storage_dtype: Literal['float32', 'bfloat16'] = 'float32'
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise ReduceError(f'fips: {msg}')
+
+        if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and 0 < self.budget <= 1):
+            bad(f'budget must be a fraction in (0, 1] of the MLP weights to store, got {self.budget}.')
+        if self.sparsity is not None and not (math.isfinite(self.sparsity) and 0 <= self.sparsity < 1):
+            bad(f'sparsity must be in [0, 1), got {self.sparsity}.')
+        if self.sparsifier == 'dense' and self.sparsity not in (None, 0, 0.0):
+            bad(f"sparsifier='dense' keeps every factor entry; sparsity must be 0 (or unset), got {self.sparsity}.")
+        if self.groups is not None and self.group_size is not None:
+            bad('give either group_size or groups, not both.')
+        if self.group_size is not None and self.group_size < 1:
+            bad(f'group_size must be an integer >= 1, got {self.group_size}.')
+        if self.scaling_vectors:
+            bad('scaling_vectors=True (per-neuron scales, paper §5) is not implemented; the paper found them '
+                'useful only with local pruning and left them out of the final recipe. Use scaling_vectors=False.')
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            bad(f'beta must be > 0, got {self.beta}.')
+        if not 0 <= self.s0 < 1:
+            bad(f's0 (GMP start sparsity) must be in [0, 1), got {self.s0}.')
+        if self.delta_t < 1:
+            bad(f'delta_t must be an integer >= 1, got {self.delta_t}.')
+        if not 0 <= self.t0 <= self.t_end <= 1:
+            bad(f't0 and t_end are fractions of the calibration steps with 0 <= t0 <= t_end <= 1, '
+                f'got t0={self.t0}, t_end={self.t_end}.')
+        if not 0 <= self.drop_fraction < 1:
+            bad(f'drop_fraction must be in [0, 1), got {self.drop_fraction}.')
+
+    @property
+    def target_sparsity(self) -> float:
+        """The final sparsity of the factors."""
+        if self.sparsifier == 'dense':
+            return 0.0
+        return _DEFAULT_SPARSITY if self.sparsity is None else float(self.sparsity)
+
+    @property
+    def start_sparsity(self) -> float:
+        """The sparsity `reduce()` prunes to: s0 for GMP (capped at the target), the target otherwise."""
+        return min(self.s0, self.target_sparsity) if self.sparsifier == 'gmp' else self.target_sparsity
+
+    @property
+    def dtype_for_storage(self) -> torch.dtype:
+        return torch.bfloat16 if self.storage_dtype == 'bfloat16' else torch.float32
+
+
+def group_slices(mlp: nn.Module) -> list[tuple[str, bool]]:
+    """(linear name, transposed) for every weight of an MLP in the order it is concatenated: input linears
+    (transposed: d x width) then fc2 (as stored: d x hidden)."""
+    return [(name, True) for name in input_linears(mlp)] + [('fc2', False)]
+
+
+def _check_mlp(site: MlpSite) -> None:
+    mlp = site.mlp
+    for name, transposed in group_slices(mlp):
+        layer = getattr(mlp, name)
+        if isinstance(layer, FipsLinear):
+            raise ReduceError(f'fips: block {site.path} is already reduced with fips.')
+        if not isinstance(layer, nn.Linear):
+            raise ReduceError(f'fips: {site.path}.mlp.{name} is a {type(layer).__name__}, not an nn.Linear; fips '
+                              f'decomposes plain linear MLPs (apply it before other reductions).')
+    if mlp.fc2.out_features != getattr(mlp, input_linears(mlp)[0]).in_features:
+        raise ReduceError(f'fips: {site.path}.mlp maps {getattr(mlp, input_linears(mlp)[0]).in_features} -> '
+                          f'{mlp.fc2.out_features} features; a shared basis needs the same dimension in and out.')
+    for name, _ in group_slices(mlp):
+        weight = getattr(mlp, name).weight
+        if weight.device.type != 'meta' and not torch.isfinite(weight).all():
+            raise ReduceError(f'fips: {site.path}.mlp.{name}.weight contains NaN or infinite values; '
+                              f'cannot decompose it.')
+
+
+@register_strategy('fips', FipsConfig, calibration_hooks=make_hooks,
+                   description='shared SVD basis per group of MLPs + sparse per-layer factors (calibrate to recover)')
+def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig) -> None:
+    """Replace every MLP linear by a FipsLinear over its group's shared basis, then prune to the start sparsity."""
+    if len({id(s.mlp) for s in sites}) != len(sites):
+        raise ReduceError('fips: some blocks share one MLP module (e.g. after `grouped`); fips needs one MLP per '
+                          'block. Apply fips to the unshared model.')
+    for site in sites:
+        _check_mlp(site)
+    group_size = config.group_size if config.group_size is not None else (None if config.groups else 4)
+    groups = resolve_groups(sites, group_size, config.groups, within_stage=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    sparsity = config.target_sparsity
+    for group in groups:
+        members = [sites[i] for i in group]
+        slices, owners = [], []
+        for site in members:
+            for name, transposed in group_slices(site.mlp):
+                weight = getattr(site.mlp, name).weight.detach()
+                slices.append(weight.T if transposed else weight)
+                owners.append((site, name, transposed))
+        dims = {s.shape[0] for s in slices}
+        if len(dims) != 1:
+            raise ReduceError(f'fips: blocks {", ".join(s.path for s in members)} have different model dimensions '
+                              f'{sorted(dims)} and cannot share a basis; put them in different groups.')
+        rank = rank_for_budget(slices[0].shape[0], [s.shape[1] for s in slices], config.budget, sparsity)
+        parts = decompose_group(slices, rank, config.growth, config.beta, generator)
+        basis = FipsBasis(parts.basis, [s.path for s in members])
+        basis.weight.requires_grad_(any(getattr(s.mlp, n).weight.requires_grad for s, n, _ in owners))
+        for (site, name, transposed), factor in zip(owners, parts.factors):
+            old = getattr(site.mlp, name)
+            bias = old.bias.detach().clone() if old.bias is not None else None
+            layer = FipsLinear(basis, factor, bias, transposed, config.dtype_for_storage)
+            layer.factor.requires_grad_(old.weight.requires_grad)
+            if bias is not None:
+                layer.bias.requires_grad_(old.bias.requires_grad)
+            layer.train(old.training)
+            setattr(site.mlp, name, layer)
+    layers = list(fips_layers(model).values())
+    if config.start_sparsity > 0 and all(m.factor.device.type != 'meta' for m in layers):
+        prune(layers, config.start_sparsity, config.pruning)
