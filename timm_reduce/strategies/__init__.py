@@ -1,2 +1,2 @@
 """Built-in strategies; importing this package registers them."""
-from . import fips, grouped, shallow, thin  # noqa: F401
+from . import fips, grouped, morphreuse, shallow, thin  # noqa: F401
