@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
@@ -49,7 +50,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        'cpu': cpu, 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(), 'python': platform.python_version(),
+        'cpu': cpu, 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+        'python': platform.python_version(),
         'torch': torch.__version__, 'timm': timm.__version__, 'commit': git_commit(),
         'timm_reduce': str(Path(timm_reduce.__file__).parent),
         'date_utc': datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S'), 'load_average_start': load_average(),
@@ -125,3 +127,10 @@ def matmul_roof(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     torch.mm(a, b)
     rates = [2 * n ** 3 / time_call(lambda: torch.mm(a, b), min_time=0.3) / 1e9 for _ in range(repeats)]
     return median_spread(rates)
+
+
+def stored_mlp_params(info: dict[str, Any]) -> int:
+    """MLP parameters actually stored: `summary()['mlp_params']` minus the masked-out entries of sparse factors."""
+    masked = sum(math.prod(r['shape']) - r['stored_params'] for r in info.get('layers', [])
+                 if r.get('kind') == 'fips_factor')
+    return info['mlp_params'] - masked

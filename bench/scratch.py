@@ -109,8 +109,9 @@ def markdown(info: dict[str, Any]) -> str:
              f"{r['mlp_params']:,}", r['runs'], ', '.join(f'{t:.2f}' for t in r['top1']),
              f"{r['mean_top1']:.2f} ± {r['spread_top1'] / 2:.2f}", f"{r['mean_wall_seconds']:.0f}"]
             for r in info['summary']]
-    table = md_table(['strategy', 'reduction', 'unique params (vs baseline)', 'MLP params', 'runs', 'top-1 per seed (%)',
-                      'mean ± half-range (%)', 'wall s/run'], rows)
+    columns = ['strategy', 'reduction', 'unique params (vs baseline)', 'MLP params', 'runs', 'top-1 per seed (%)',
+               'mean ± half-range (%)', 'wall s/run']
+    table = md_table(columns, rows)
     s = info['setup']
     text = (f"Small ViT (img 32, patch 4, dim {s['dim']}, depth {s['depth']}, {s['heads']} heads, mlp_ratio 4) trained "
             f"from scratch on CIFAR-10 with train.py: {s['epochs']} epoch(s) of "
@@ -146,6 +147,7 @@ def main() -> None:
     p.add_argument('--strategies', nargs='+', default=list(STRATEGIES), choices=list(STRATEGIES))
     p.add_argument('--runs-dir', type=Path, default=ROOT / 'bench' / 'runs' / 'scratch')
     p.add_argument('--name', default='scratch')
+    p.add_argument('--fresh', action='store_true', help='rerun every run, even those already in the result file')
     args = p.parse_args()
 
     info = header(args.name)
@@ -154,7 +156,7 @@ def main() -> None:
     info['setup'] = setup
     old_path = RESULTS / f'{args.name}.json'
     runs: list[dict[str, Any]] = []
-    if old_path.exists():
+    if old_path.exists() and not args.fresh:
         old = json.loads(old_path.read_text())
         if old.get('setup') == setup:
             runs = old.get('runs', [])

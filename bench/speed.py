@@ -70,7 +70,7 @@ def prepare(model: nn.Module, mode: str, batch: int) -> tuple[Callable[[], Any],
 
 
 def measure(shape: str, batch: int, mode: str, variants: list[str], repeats: int, passes: int, min_time: float,
-            models: dict[str, nn.Module]) -> list[dict[str, Any]]:
+            min_iters: int, models: dict[str, nn.Module]) -> list[dict[str, Any]]:
     """Alternate original and variants; ratios per repeat, medians per pass."""
     runners: dict[str, Callable[[], Any]] = {}
     warmups: dict[str, float] = {}
@@ -90,8 +90,8 @@ def measure(shape: str, batch: int, mode: str, variants: list[str], repeats: int
             order = [n for n in runners if n != 'original']
             order = order[r % max(len(order), 1):] + order[:r % max(len(order), 1)]  # rotate the variant order
             for name in order:
-                secs['original'][p].append(time_call(runners['original'], min_time=min_time, min_iters=2))
-                secs[name][p].append(time_call(runners[name], min_time=min_time, min_iters=2))
+                secs['original'][p].append(time_call(runners['original'], min_time=min_time, min_iters=min_iters))
+                secs[name][p].append(time_call(runners[name], min_time=min_time, min_iters=min_iters))
     rows = []
     n_var = max(len(runners) - 1, 1)
     for name in variants:
@@ -153,8 +153,12 @@ def main() -> None:
     p.add_argument('--modes', nargs='+', default=['eager', 'compile'], choices=['eager', 'compile'])
     p.add_argument('--repeats', type=int, default=5, help='alternating repeats per pass')
     p.add_argument('--passes', type=int, default=3)
-    p.add_argument('--min-time', type=float, default=0.5, help='seconds per timed measurement (at least 2 calls)')
+    p.add_argument('--min-time', type=float, default=0.5, help='seconds per timed measurement')
+    p.add_argument('--min-iters', type=int, default=2, help='calls per timed measurement, at least')
+    p.add_argument('--compile-variants', nargs='+', default=['shallow', 'native_r2', 'grouped', 'fips'],
+                   choices=list(VARIANTS), help='variants timed with torch.compile (compiling is slow on 2 cores)')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
+    p.add_argument('--results-dir', type=Path, default=None, help='default: bench/results')
     p.add_argument('--name', default='speed')
     args = p.parse_args()
     if args.threads:
@@ -162,31 +166,32 @@ def main() -> None:
     torch.manual_seed(0)
 
     info = header(args.name)
-    info['setup'] = {k: getattr(args, k) for k in ('shapes', 'variants', 'batches', 'modes', 'repeats', 'passes',
-                                                   'min_time')}
+    info['setup'] = {k: getattr(args, k) for k in ('shapes', 'variants', 'compile_variants', 'batches', 'modes',
+                                                   'repeats', 'passes', 'min_time', 'min_iters')}
     info['roof'] = {'start': matmul_roof()}
     print(f"# matmul roof {info['roof']['start']['median']:.0f} GFLOP/s", flush=True)
     info['rows'], info['ceilings'], info['macs'] = [], {}, {}
     for shape in args.shapes:
         models: dict[str, nn.Module] = {'original': timm.create_model(shape, pretrained=False)}
-        for name in args.variants:
+        for name in dict.fromkeys(args.variants + (args.compile_variants if 'compile' in args.modes else [])):
             models[name] = VARIANTS[name][1](shape)
         # FiPS: MACs of the materialised model; summary() of a FipsLinear model also counts the one-off U·V product
         macs = {name: timm_reduce.summary(timm_reduce.materialize(m) if name.startswith('fips') else m)['macs']
                 for name, m in models.items()}
         info['macs'][shape] = macs
-        info['ceilings'][shape] = {n: macs['original'] / macs[n] for n in args.variants}
+        info['ceilings'][shape] = {n: macs['original'] / macs[n] for n in models if n != 'original'}
         print(f"# {shape}: ceilings " + ', '.join(f'{n} {c:.2f}x' for n, c in info['ceilings'][shape].items()),
               flush=True)
         for mode in args.modes:
             for batch in args.batches:
                 if mode == 'compile':
                     torch._dynamo.reset()
-                info['rows'] += measure(shape, batch, mode, args.variants, args.repeats, args.passes, args.min_time,
-                                        models)
-                write_results(args.name, info, markdown(info))
+                variants = args.compile_variants if mode == 'compile' else args.variants
+                info['rows'] += measure(shape, batch, mode, variants, args.repeats, args.passes, args.min_time,
+                                        args.min_iters, models)
+                write_results(args.name, info, markdown(info), args.results_dir)
     info['roof']['end'] = matmul_roof()
-    write_results(args.name, info, markdown(info))
+    write_results(args.name, info, markdown(info), args.results_dir)
     print(markdown(info))
 
 

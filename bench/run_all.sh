@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Regenerates every benchmark of this branch that fits on one 2-core CPU machine, then the plots.
+#
+# Time (measured on 2 Xeon cores, each step timed when it produced the committed results; see docs/evidence.md):
+#   size.py ~1 min (light load) | speed.py ~STEP_SPEED | speed.py deit_base ~STEP_BASE | fips_init.py ~STEP_INIT
+#   scratch.py ~40 min under a load average of 7-9 (6 training runs) | plots.py < 1 min
+#   total ~TOTAL. Timing steps are meaningless on a shared machine: run this on a quiet one (load average < 2.5).
+#
+# Not included: the accuracy-vs-budget table (bench/compress_accuracy.py on branch calib, ~hours) and the training
+# scaling table (bench/train_scaling.py on branch train); their results are read by plots.py when present.
+#
+# Usage: bash bench/run_all.sh [--no-scratch]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SCRATCH=1
+[ "${1:-}" = "--no-scratch" ] && SCRATCH=0
+
+step() {  # step NAME COMMAND...: run, and print how long it took
+  local name=$1; shift
+  local start=$SECONDS
+  echo "=== $name: $* (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+  "$@"
+  echo "=== $name took $((SECONDS - start)) s"
+}
+
+step size python bench/size.py
+step speed python bench/speed.py
+step speed_base python bench/speed.py --name speed_base --shapes deit_base_patch16_224 --variants shallow native_r2 \
+  --batches 32 --modes eager --repeats 2 --min-iters 1
+if [ -f bench/fips_init.py ]; then
+  step fips_init python bench/fips_init.py
+fi
+if [ "$SCRATCH" = 1 ]; then
+  step scratch python bench/scratch.py --dim 96 --depth 6 --heads 3 --epochs 1 --steps-per-epoch 60 --batch-size 64 \
+    --seeds 0 1 --fresh
+fi
+step plots python bench/plots.py
