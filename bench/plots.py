@@ -152,7 +152,7 @@ def main() -> None:
     size = _load('size')
     if size:
         plot_size(size)
-    speeds = [s for s in (_load(n) for n in ('speed', 'speed_base')) if s]
+    speeds = [s for s in (_load(n) for n in ('speed', 'speed_compile', 'speed_base')) if s]
     if speeds:
         plot_speed(speeds)
 

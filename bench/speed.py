@@ -6,7 +6,8 @@ same repeat, the median over repeats is one pass, and the table shows the median
 spread. The ceiling is MACs(original) / MACs(variant) from `timm_reduce.summary`. The fp32 2048² matmul roof is
 measured at the start and end of the run.
 
-    python bench/speed.py                                  # deit_tiny + deit_small, batch 1 and 32, eager + compile
+    python bench/speed.py --modes eager                    # deit_tiny + deit_small, batch 1 and 32
+    python bench/speed.py --modes compile --name speed_compile
     python bench/speed.py --shapes deit_base_patch16_224 --variants shallow native_r2 --batches 32 --modes eager
 """
 from __future__ import annotations
@@ -151,10 +152,10 @@ def main() -> None:
     p.add_argument('--variants', nargs='+', default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument('--batches', type=int, nargs='+', default=[1, 32])
     p.add_argument('--modes', nargs='+', default=['eager', 'compile'], choices=['eager', 'compile'])
-    p.add_argument('--repeats', type=int, default=5, help='alternating repeats per pass')
+    p.add_argument('--repeats', type=int, default=3, help='alternating repeats per pass')
     p.add_argument('--passes', type=int, default=3)
-    p.add_argument('--min-time', type=float, default=0.5, help='seconds per timed measurement')
-    p.add_argument('--min-iters', type=int, default=2, help='calls per timed measurement, at least')
+    p.add_argument('--min-time', type=float, default=1.0, help='seconds per timed measurement, at least')
+    p.add_argument('--min-iters', type=int, default=1, help='calls per timed measurement, at least')
     p.add_argument('--compile-variants', nargs='+', default=['shallow', 'native_r2', 'grouped', 'fips'],
                    choices=list(VARIANTS), help='variants timed with torch.compile (compiling is slow on 2 cores)')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
