@@ -9,11 +9,18 @@
 # Not included: the accuracy-vs-budget table (bench/compress_accuracy.py on branch calib, ~hours) and the training
 # scaling table (bench/train_scaling.py on branch train); their results are read by plots.py when present.
 #
-# Usage: bash bench/run_all.sh [--no-scratch]
+# Usage: bash bench/run_all.sh [--no-scratch] [--no-init]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRATCH=1
-[ "${1:-}" = "--no-scratch" ] && SCRATCH=0
+INIT=1
+for arg in "$@"; do
+  case $arg in
+    --no-scratch) SCRATCH=0 ;;
+    --no-init) INIT=0 ;;
+    *) echo "unknown option $arg" >&2; exit 2 ;;
+  esac
+done
 
 step() {  # step NAME COMMAND...: run, and print how long it took
   local name=$1; shift
@@ -28,7 +35,7 @@ step speed python bench/speed.py --modes eager
 step speed_base python bench/speed.py --name speed_base --shapes deit_base_patch16_224 --variants shallow native_r2 \
   --batches 32 --modes eager --repeats 2
 step speed_compile python bench/speed.py --name speed_compile --modes compile
-if [ -f bench/fips_init.py ]; then
+if [ "$INIT" = 1 ] && [ -f bench/fips_init.py ]; then  # the FiPS colleague's script (branch fips)
   step fips_init python bench/fips_init.py
 fi
 if [ "$SCRATCH" = 1 ]; then

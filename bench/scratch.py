@@ -21,7 +21,7 @@ from typing import Any
 
 # the repository root first: this checkout's timm_reduce, not another editable install
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from common import DATA, RESULTS, ROOT, header, md_table, write_results  # noqa: E402
+from common import DATA, RESULTS, ROOT, header, md_preamble, md_table, write_results  # noqa: E402
 
 # strategy -> --reduction-spec (None: plain timm); the seed paper's from-scratch settings
 STRATEGIES: dict[str, str | None] = {
@@ -34,10 +34,10 @@ STRATEGIES: dict[str, str | None] = {
 def train_command(args: argparse.Namespace, strategy: str, seed: int, out_root: Path) -> list[str]:
     cmd = [
         sys.executable, str(ROOT / 'train.py'), str(args.data), '--train-split', 'train.tar', '--val-split', 'val.tar',
-        '--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=4', f'embed_dim={args.dim}',
-        f'depth={args.depth}', f'num_heads={args.heads}', 'mlp_ratio=4', '--num-classes', '10', '--device', 'cpu',
-        '--workers', '1', '-b', str(args.batch_size), '-vb', '500', '--opt', 'adamw', '--lr', str(args.lr),
-        '--weight-decay', '0.05', '--clip-grad', '1.0', '--sched', 'cosine', '--sched-on-updates',
+        '--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', f'patch_size={args.patch}',
+        f'embed_dim={args.dim}', f'depth={args.depth}', f'num_heads={args.heads}', 'mlp_ratio=4', '--num-classes', '10',
+        '--device', 'cpu', '--workers', '1', '-b', str(args.batch_size), '-vb', '500', '--opt', 'adamw',
+        '--lr', str(args.lr), '--weight-decay', '0.05', '--clip-grad', '1.0', '--sched', 'cosine', '--sched-on-updates',
         '--epochs', str(args.epochs), '--warmup-epochs', str(args.warmup_epochs), '--warmup-lr', '1e-5',
         '--min-lr', '1e-5', '--smoothing', '0.1', '--scale', '0.6', '1.0', '--hflip', '0.5', '--color-jitter', '0',
         '--crop-pct', '1.0', '--mean', '0.4914', '0.4822', '0.4465', '--std', '0.2470', '0.2435', '0.2616',
@@ -105,7 +105,10 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(info: dict[str, Any]) -> str:
-    rows = [[r['strategy'], f"`{r['spec']}`", f"{r['unique_params']:,} ({r['unique_params'] / r['params_before']:.1%})",
+    # relative to the baseline run (a uniform shallow model reloads as plain timm and forgets its params_before)
+    ref = {r['strategy']: r for r in info['summary']}.get('baseline', {}).get('unique_params')
+    rows = [[r['strategy'], f"`{r['spec']}`",
+             f"{r['unique_params']:,}" + (f" ({r['unique_params'] / ref:.1%})" if ref else ''),
              f"{r['mlp_params']:,}", r['runs'], ', '.join(f'{t:.2f}' for t in r['top1']),
              f"{r['mean_top1']:.2f} ± {r['spread_top1'] / 2:.2f}", f"{r['mean_wall_seconds']:.0f}"]
             for r in info['summary']]
@@ -113,10 +116,10 @@ def markdown(info: dict[str, Any]) -> str:
                'mean ± half-range (%)', 'wall s/run']
     table = md_table(columns, rows)
     s = info['setup']
-    text = (f"Small ViT (img 32, patch 4, dim {s['dim']}, depth {s['depth']}, {s['heads']} heads, mlp_ratio 4) trained "
-            f"from scratch on CIFAR-10 with train.py: {s['epochs']} epoch(s) of "
+    text = (f"Small ViT (img 32, patch {s.get('patch', 4)}, dim {s['dim']}, depth {s['depth']}, {s['heads']} heads, "
+            f"mlp_ratio 4) trained from scratch on CIFAR-10 with train.py: {s['epochs']} epoch(s) of "
             f"{s['steps_per_epoch'] or 'all'} steps × batch {s['batch_size']}, AdamW lr {s['lr']}, cosine; "
-            f"top-1 on all 10,000 test images after the last epoch. Per-run commands are in scratch.json.\n\n")
+            f"top-1 on all 10,000 test images after the last epoch. Per-run commands are in the JSON file.\n\n")
     return text + table + '\n\n' + info.get('verdict', '') + '\n'
 
 
@@ -135,6 +138,7 @@ def verdict(summary: list[dict[str, Any]]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data', type=Path, default=DATA)
+    p.add_argument('--patch', type=int, default=4)
     p.add_argument('--dim', type=int, default=96)
     p.add_argument('--depth', type=int, default=6)
     p.add_argument('--heads', type=int, default=3)
@@ -148,11 +152,19 @@ def main() -> None:
     p.add_argument('--runs-dir', type=Path, default=ROOT / 'bench' / 'runs' / 'scratch')
     p.add_argument('--name', default='scratch')
     p.add_argument('--fresh', action='store_true', help='rerun every run, even those already in the result file')
+    p.add_argument('--table-only', action='store_true', help='rewrite the .md of the existing result file, run nothing')
     args = p.parse_args()
+    if args.table_only:
+        info = json.loads((RESULTS / f'{args.name}.json').read_text())
+        (RESULTS / f'{args.name}.md').write_text(f'### {args.name}\n\n' + md_preamble(info) + '\n' + markdown(info))
+        print(markdown(info))
+        return
 
     info = header(args.name)
     setup = {k: getattr(args, k) for k in ('dim', 'depth', 'heads', 'epochs', 'steps_per_epoch', 'warmup_epochs',
                                            'batch_size', 'lr')}
+    if args.patch != 4:  # recorded only when not the default, so older result files still match
+        setup['patch'] = args.patch
     info['setup'] = setup
     old_path = RESULTS / f'{args.name}.json'
     runs: list[dict[str, Any]] = []
