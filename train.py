@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -270,15 +271,21 @@ def load_initial_checkpoint(model: nn.Module, path: str, recipe: list) -> None:
 # ----------------------------------------------------------------------------------------------- data
 
 
+_SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+
+
 def _split_root(data_dir: str, dataset: str, split: str) -> tuple[str, str]:
-    """(root, split) for create_dataset; a folder/tar split must exist under the data dir."""
+    """(root, split) for create_dataset. A folder/tar split must exist under the data dir, under its name or, like
+    timm, a synonym (`validation` finds `val/`)."""
     if dataset:  # torch/, hfds/, wds/ ... readers resolve splits themselves
         return data_dir, split
-    path = os.path.join(data_dir, split)
-    if not os.path.exists(path):
-        listing = ', '.join(sorted(os.listdir(data_dir))[:10]) or '(empty)'
-        raise TrainError(f'Split {split!r} not found: {path} does not exist. {data_dir} holds: {listing}.')
-    return path, split
+    names = [split, *next((group for group in _SPLIT_SYNONYMS if split in group), ())]
+    for name in names:
+        if os.path.exists(os.path.join(data_dir, name)):
+            return os.path.join(data_dir, name), split
+    listing = ', '.join(sorted(os.listdir(data_dir))[:10]) or '(empty)'
+    raise TrainError(f'Split {split!r} not found in {data_dir} (looked for {", ".join(dict.fromkeys(names))}); it '
+                     f'holds: {listing}. Pass --train-split / --val-split (--val-split "" skips validation).')
 
 
 def create_loaders(args: argparse.Namespace, data_config: dict, dist_info: DistInfo, num_aug_splits: int,
@@ -316,6 +323,25 @@ def create_loaders(args: argparse.Namespace, data_config: dict, dist_info: DistI
 # ----------------------------------------------------------------------------------------------- loops
 
 
+class _Throughput:
+    """Images/s of all ranks, measured from the first update on (from the start until then)."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.start = time.perf_counter()
+        self.first: tuple[float, int] | None = None
+        self.last: tuple[float, int] = (self.start, 0)
+
+    def update(self, images: int) -> None:
+        self.last = (time.perf_counter(), images)
+        if self.first is None:
+            self.first = self.last
+
+    def rate(self) -> float:
+        t0, n0 = self.first if self.first is not None and self.last[1] > self.first[1] else (self.start, 0)
+        return (self.last[1] - n0) * self.world_size / max(self.last[0] - t0, 1e-9)
+
+
 def train_one_epoch(
         epoch: int,
         model: nn.Module,
@@ -333,7 +359,11 @@ def train_one_epoch(
         mixup_fn: Mixup | None,
         saver: CheckpointSaver | None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns loss, lr and images/s (all ranks together, including data loading)."""
+    """One pass over `loader`; returns loss, lr and images/s.
+
+    Images/s counts all ranks and includes data loading; the clock starts after the first update, so start-up
+    (worker processes, first allocations) is left out when the epoch has more than one update.
+    """
     accum = args.grad_accum_steps
     num_batches = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
     updates_per_epoch = (num_batches + accum - 1) // accum
@@ -341,8 +371,7 @@ def train_one_epoch(
     losses = AverageMeter()
     model.train()
     optimizer.zero_grad()
-    images = 0
-    start = time.perf_counter()
+    images, clock = 0, _Throughput(dist_info.world_size)
     for batch_idx, (inputs, target) in enumerate(loader):
         if batch_idx >= num_batches:
             break
@@ -374,22 +403,21 @@ def train_one_epoch(
             continue
         optimizer.zero_grad()
         num_updates += 1
+        clock.update(images)
         if model_ema is not None:
             model_ema.update(ema_target, step=num_updates)
         lr_scheduler.step_update(num_updates=num_updates, metric=losses.avg)
         if dist_info.primary and (batch_idx % args.log_interval == 0 or batch_idx + 1 == num_batches):
-            elapsed = time.perf_counter() - start
             lr = optimizer.param_groups[0]['lr']
             _logger.info(f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] loss {losses.val:.4f} '
-                         f'({losses.avg:.4f}) lr {lr:.3e} {images * dist_info.world_size / elapsed:.1f} img/s')
+                         f'({losses.avg:.4f}) lr {lr:.3e} {clock.rate():.1f} img/s')
         if saver is not None and args.recovery_interval and (batch_idx + 1) % args.recovery_interval == 0:
             saver.save_recovery(epoch, batch_idx=batch_idx)
-    elapsed = time.perf_counter() - start
     loss_avg = torch.tensor([losses.avg], device=dist_info.device)
     if dist_info.distributed:
         loss_avg = reduce_tensor(loss_avg, dist_info.world_size)
     return {'loss': loss_avg.item(), 'lr': optimizer.param_groups[0]['lr'],
-            'img_per_sec': images * dist_info.world_size / elapsed}
+            'img_per_sec': clock.rate()}
 
 
 @torch.no_grad()
@@ -400,18 +428,19 @@ def validate(model: nn.Module, loader: Any, args: argparse.Namespace, dist_info:
     k = min(5, num_classes)
     totals = torch.zeros(4, dtype=torch.float64, device=dist_info.device)  # loss sum, top1, top5 hits, count
     model.eval()
-    for inputs, target in loader:
-        if not args.prefetcher:
-            inputs, target = inputs.to(dist_info.device), target.to(dist_info.device)
-        if args.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
-            output = model(inputs)
-        output = output.float()
-        acc1, acck = accuracy(output, target, topk=(1, k))
-        n = inputs.shape[0]
-        totals += torch.tensor([loss_fn(output, target).item(), acc1.item() * n / 100, acck.item() * n / 100, n],
-                               dtype=torch.float64, device=dist_info.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='None of the inputs have requires_grad')  # checkpointing, no_grad
+        for inputs, target in loader:
+            if not args.prefetcher:
+                inputs, target = inputs.to(dist_info.device), target.to(dist_info.device)
+            if args.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with amp_autocast():
+                output = model(inputs).float()
+            acc1, acck = accuracy(output, target, topk=(1, k))
+            n = inputs.shape[0]
+            totals += torch.tensor([loss_fn(output, target).item(), acc1.item() * n / 100, acck.item() * n / 100, n],
+                                   dtype=torch.float64, device=dist_info.device)
     if dist_info.distributed:
         dist.all_reduce(totals)
     loss, top1, top5, count = totals.tolist()
@@ -465,6 +494,9 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
     _check_model_name(args.model)
     if args.grad_accum_steps < 1:
         raise TrainError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}.')
+    if args.aug_repeats and not dist_info.distributed:
+        raise TrainError(f'--aug-repeats {args.aug_repeats:g} needs distributed training (timm\'s RepeatAugSampler '
+                         'shards repeats over ranks): launch with distributed_train.sh, or drop --aug-repeats.')
     if args.reentrant_ckpt:
         timm.layers.set_reentrant_ckpt(True)
     args.prefetcher = not args.no_prefetcher and dist_info.device.type == 'cuda'
@@ -472,11 +504,12 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
     resume_checkpoint = load_training_checkpoint(args.resume) if args.resume else None
     recipe = resolve_recipe(args, resume_checkpoint)
     args.reduction_recipe = [s.to_dict() for s in recipe]
-    # identical initial weights on every rank (DDP broadcasts rank 0's anyway); data order differs per rank below
+    # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     random_seed(args.seed, 0)
     model = create_reduced_model(args, recipe)
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args.initial_checkpoint, recipe)
+    random_seed(args.seed, dist_info.rank)  # augmentation and mixup draws differ per rank
     counts = param_report(model)
     if dist_info.primary:
         _logger.info(f'Model {args.model}: reduction {recipe_to_text(recipe)}; params {counts["params_before"]:,} '
@@ -489,10 +522,7 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    data_args = vars(args).copy()
-    if args.input_size is None and args.img_size is None:
-        data_args['input_size'] = model_input_size(model)
-    data_config = resolve_data_config(data_args, model=model, verbose=dist_info.primary)
+    data_config = model_data_config(args, model, verbose=dist_info.primary)
 
     _resolve_lr(args, dist_info.world_size)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
@@ -523,8 +553,6 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
 
     ema_target = model  # EMA follows the plain module, never the compiled or DDP wrapper
     train_model: nn.Module = model
-    if args.torchcompile:
-        train_model = torch.compile(train_model, backend=args.torchcompile)
     if dist_info.distributed:
         shared = counts['unique_params'] < counts['params']
         # reentrant checkpointing re-runs a shared module's forward inside backward: DDP needs a static graph
@@ -535,6 +563,8 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
         if dist_info.primary:
             _logger.info(f'DDP over {dist_info.world_size} processes ({dist.get_backend()}), '
                          f'static_graph={static_graph}.')
+    if args.torchcompile:  # compiling the DDP wrapper lets dynamo split graphs at DDP's buckets
+        train_model = torch.compile(train_model, backend=args.torchcompile)
 
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -586,7 +616,7 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
         _logger.info(f'Output: {output_dir}; {num_epochs - start_epoch} epochs of {updates_per_epoch} updates, '
                      f'global batch {args.batch_size * dist_info.world_size * args.grad_accum_steps}.')
 
-    best_metric, best_epoch = None, None
+    best_metric = None
     for epoch in range(start_epoch, num_epochs):
         if dist_info.distributed and hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
@@ -612,34 +642,59 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
         if saver is not None:
             update_summary(epoch, train_metrics, eval_metrics, filename=str(output_dir / 'summary.csv'),
                            lr=train_metrics['lr'], write_header=best_metric is None and epoch == start_epoch)
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
+            best_metric, _ = saver.save_checkpoint(epoch, metric=metric)
         lr_scheduler.step(epoch + 1, metric)
 
-    if saver is not None:
-        export_best(model, model_ema, output_dir, best_metric, best_epoch, args)
+    if saver is not None:  # the best checkpoint (the last without validation), EMA weights when used
+        best = output_dir / ('model_best.pth.tar' if best_metric is not None else 'last.pth.tar')
+        metric = {f'val_{args.eval_metric}': best_metric} if best_metric is not None else {}
+        export_model(model_ema.module if model_ema is not None else model, best, output_dir / 'model',
+                     ema=model_ema is not None, data_config=data_config, metadata=metric)
     if dist_info.distributed:
         dist.barrier()
     return model
 
 
-def export_best(model: nn.Module, model_ema: SharedEma | None, output_dir: Path, best_metric: float | None,
-                best_epoch: int | None, args: argparse.Namespace) -> None:
-    """save_pretrained the best checkpoint (EMA weights when used, else the model's) to OUTPUT/model."""
-    source = output_dir / ('model_best.pth.tar' if best_metric is not None else 'last.pth.tar')
-    use_ema = model_ema is not None
-    target = model_ema.module if use_ema else model
-    checkpoint = load_training_checkpoint(source)
-    target.load_state_dict(checkpoint_state(checkpoint, ema=use_ema), strict=True)
-    metadata = {'trained_with': 'train.py', 'epoch': checkpoint['epoch'], 'ema': use_ema}
-    if best_metric is not None:
-        metadata[f'val_{args.eval_metric}'] = best_metric
-    target_dir = timm_reduce.save_pretrained(target, output_dir / 'model', metadata=metadata)
-    _logger.info(f'Saved {"EMA " if use_ema else ""}weights of {source.name} (epoch {checkpoint["epoch"]}'
-                 f'{f", {args.eval_metric} {best_metric:.3f}" if best_metric is not None else ""}) to {target_dir}.')
+_DATA_CFG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+
+
+def model_data_config(args: argparse.Namespace, model: nn.Module, verbose: bool = False) -> dict[str, Any]:
+    """timm's data config for `model` and the data flags; the input size defaults to the model's own (after
+    `--model-kwargs img_size=...`), not its pretrained_cfg's."""
+    data_args = vars(args).copy()
+    if args.input_size is None and args.img_size is None:
+        data_args['input_size'] = model_input_size(model)
+    return resolve_data_config(data_args, model=model, verbose=verbose)
+
+
+def export_model(model: nn.Module, checkpoint_path: Path, out_dir: Path, *, ema: bool, data_config: dict[str, Any],
+                 metadata: dict[str, Any]) -> Path:
+    """save_pretrained the weights (EMA weights if `ema`) of a training checkpoint, loaded into `model`.
+
+    config.json also records the preprocessing the model was trained with, so `resolve_data_config(model=...)` of
+    the loaded model finds the right mean, std and crop.
+    """
+    checkpoint = load_training_checkpoint(checkpoint_path)
+    model.load_state_dict(checkpoint_state(checkpoint, ema=ema), strict=True)
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'tag'}  # the base's weight tag is not ours
+    model.pretrained_cfg = {**cfg, **{k: data_config[k] for k in _DATA_CFG_KEYS if k in data_config}}
+    metadata = {'trained_with': 'train.py', **metadata, 'checkpoint': checkpoint_path.name,
+                'epoch': checkpoint['epoch'], 'ema': ema}
+    directory = timm_reduce.save_pretrained(model, out_dir, metadata=metadata)
+    _logger.info(f'Saved {"EMA " if ema else ""}weights of {checkpoint_path.name} (epoch {checkpoint["epoch"]}) '
+                 f'to {directory}.')
+    return directory
+
+
+def _is_collective_failure(error: RuntimeError) -> bool:
+    """True for errors of the process group (peer gone, timeout), not for bugs raised as RuntimeError."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(s in text for s in ('gloo', 'NCCL', 'Connection', 'Timed out'))
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_default_logging()
+    if not logging.getLogger().handlers:  # leave an embedding application's (or pytest's) logging alone
+        setup_default_logging()
     args, args_text = parse_args(argv)
     dist_info = None
     try:
@@ -650,13 +705,13 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, ReduceError) as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return 2
-    except (dist.DistBackendError, dist.DistError, RuntimeError) as e:
-        if dist_info is None or not dist_info.distributed:
+    except RuntimeError as e:
+        if dist_info is None or not dist_info.distributed or not _is_collective_failure(e):
             raise
-        rank = dist_info.rank
-        print(f'train.py: rank {rank}: a collective operation with the other ranks failed (a rank was killed, '
-              f'crashed or did not answer within --dist-timeout {args.dist_timeout:g}s); stopping this rank. '
-              f'Cause: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
+        cause = str(e).splitlines()[0] if str(e) else ''
+        print(f'train.py: rank {dist_info.rank}: a collective operation with the other ranks failed (a rank was '
+              f'killed, crashed or did not answer within --dist-timeout {args.dist_timeout:g}s); stopping this '
+              f'rank. Cause: {type(e).__name__}: {cause}', file=sys.stderr)
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():
