@@ -1,6 +1,9 @@
 """Tiny models shared by the FiPS tests."""
 from __future__ import annotations
 
+from typing import Iterator
+
+import pytest
 import timm
 import torch
 from torch import nn
@@ -32,3 +35,13 @@ def images(model: nn.Module, n: int = 2, seed: int = 1, dtype: torch.dtype = tor
 def mlp_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """`{path: linear}` of every MLP linear (fc1, fc1_g, fc1_x, fc2) of a plain model."""
     return {n: m for n, m in model.named_modules() if '.mlp.' in n and isinstance(m, nn.Linear)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run each test on one intra-op thread (restored afterwards). The tensors are tiny, and on the shared,
+    oversubscribed CI machine 2-thread barriers made a 10-step tiny-ViT loop take 9.7 s instead of 0.1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,6 +14,7 @@ from timm_reduce import ReduceError
 from timm_reduce.fips import FipsLinear, decompose_group, fips_layers, rank_for_budget
 
 from fips_utils import images, mlp_linears, tiny_eva, tiny_swin, tiny_vit
+from fips_utils import one_thread  # noqa: F401  (autouse fixture)
 
 DEIT_B_RANKS = {0.10: 273, 0.25: 682, 0.40: 1092, 0.50: 1365, 0.75: 2048}
 
@@ -51,7 +52,7 @@ def test_full_rank_reproduces_weights_float64_with_growth(growth):
     x = images(model, dtype=torch.float64)
     with torch.no_grad():
         expected = model(x)
-    # d = 32, groups of 2: N = 32·512; budget 0.5 at s = 0.75 -> r = ⌊8192/160⌋ = 51 > d: growth path; s0 = 0: no pruning
+    # d = 32, groups of 2: N = 32·512; budget 0.5 at s = 0.75 -> r = ⌊8192/160⌋ = 51 > d (growth); s0 = 0: no pruning
     timm_reduce.reduce(model, 'fips', budget=0.5, sparsity=0.75, s0=0.0, group_size=2, growth=growth)
     layers = fips_layers(model)
     assert {m.rank for m in layers.values()} == {51}
@@ -73,6 +74,19 @@ def test_hybrid_growth_layout_keeps_weights():
     d = 32
     assert torch.count_nonzero(layer.basis.weight[:, d:]) == 0
     torch.testing.assert_close(layer.factor[d:], layer.factor[:layer.rank - d] / 4.0, rtol=0, atol=0)
+
+
+def test_scaling_vectors_reproduce_weights_and_normalise_units():
+    model = tiny_vit().double()
+    before = _reference_weights(model)
+    timm_reduce.reduce(model, 'fips', budget=0.5, sparsity=0.75, s0=0.0, group_size=2, scaling_vectors=True)
+    for name, layer in fips_layers(model).items():
+        torch.testing.assert_close(layer.dense_weight(), before[name], rtol=0, atol=1e-12)
+        unit_axis = 1 if name.endswith('fc1') else 0  # fc1 rows / fc2 columns are the hidden units
+        torch.testing.assert_close(layer.scale, before[name].norm(dim=unit_axis), rtol=1e-12, atol=0)
+        # the normalised units have norm 1: ‖U V_k[:, j]‖ = 1 (U has orthonormal leading columns, zero grown ones)
+        torch.testing.assert_close((layer.basis.weight @ layer.factor).norm(dim=0),
+                                   torch.ones(layer.factor.shape[1], dtype=torch.float64), rtol=1e-10, atol=0)
 
 
 def test_split_growth_repeats_rows_when_growth_exceeds_dim():
@@ -135,7 +149,6 @@ def test_gated_mlps_decompose_exactly_at_full_rank(make):
     (dict(sparsifier='dense', sparsity=0.5), "sparsifier='dense'"),
     (dict(groups=[[0, 1], [2]]), 'do not cover blocks \\[3\\]'),
     (dict(groups=[[0, 1]], group_size=2), 'either group_size or groups'),
-    (dict(scaling_vectors=True), 'not implemented'),
     (dict(sparsifier='magic'), 'must be one of'),
     (dict(budget=0.001), 'too small'),
     (dict(t0=0.8, t_end=0.5), 't0 and t_end'),

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 import timm_reduce
 from timm_reduce.fips import FipsLinear, fips_layers
 
-from fips_utils import images, tiny_vit
+from fips_utils import images, tiny_eva, tiny_vit
+from fips_utils import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _reduced(**options):
@@ -108,8 +110,10 @@ def test_low_rank_and_dense_paths_agree():
                                        rtol=1e-5, atol=1e-5)
 
 
-def test_materialize_is_exact_and_plain():
-    model = _reduced()
+@pytest.mark.parametrize('make', [tiny_vit, tiny_eva], ids=['vit', 'eva-glumlp'])
+def test_materialize_is_exact_and_plain(make):
+    model = make()
+    timm_reduce.reduce(model, 'fips', budget=0.25, group_size=2, sparsifier='static')
     x = images(model)
     dense = timm_reduce.materialize(model).eval()
     assert not any(isinstance(m, FipsLinear) for m in dense.modules())

@@ -9,9 +9,10 @@ import torch
 import timm_reduce
 from timm_reduce import get_strategy
 from timm_reduce.fips import fips_layers, gmp_sparsity, prune, rigl_drop_fraction, select_top
-from timm_reduce.fips.sparsity import keep_count
+from timm_reduce.fips.sparsity import keep_count, magnitude_keys
 
 from fips_utils import images, tiny_vit
+from fips_utils import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _reduced(**options):
@@ -42,8 +43,12 @@ def _calibrate(model, steps, hooks, on_step=None, lr=1e-2, weight_decay=0.05):
     return opt
 
 
+def _keys(scores):
+    return [magnitude_keys(s, s >= 0) for s in scores]
+
+
 def test_select_top_is_exact_with_ties():
-    scores = [torch.tensor([[3.0, 1.0, 1.0], [1.0, -1.0, 0.0]]), torch.tensor([1.0, 2.0, 1.0])]
+    scores = _keys([torch.tensor([[3.0, 1.0, 1.0], [1.0, -1.0, 0.0]]), torch.tensor([1.0, 2.0, 1.0])])
     masks = select_top(scores, 4)  # 3, 2, then two of the five 1.0s, earliest first
     assert [m.tolist() for m in masks] == [[[True, True, True], [False, False, False]], [False, True, False]]
     assert sum(int(m.sum()) for m in select_top(scores, 100)) == 8  # the -1 entry is never eligible
@@ -52,7 +57,7 @@ def test_select_top_is_exact_with_ties():
 def test_select_top_matches_a_sort():
     gen = torch.Generator().manual_seed(0)
     scores = [torch.rand(50, 70, generator=gen), torch.rand(30, generator=gen) * 2]
-    masks = select_top(scores, 1234)
+    masks = select_top(_keys(scores), 1234)
     flat = torch.cat([s.reshape(-1) for s in scores])
     expected = flat >= flat.sort(descending=True).values[1233]
     assert torch.equal(torch.cat([m.reshape(-1) for m in masks]), expected)
@@ -92,7 +97,7 @@ def test_prune_only_shrinks_and_keeps_values_at_zero():
         assert torch.count_nonzero(m.factor[~m.mask]) == 0
 
 
-@pytest.mark.parametrize('total,t0,t_end,delta', [(20, 0.0, 0.75, 3), (17, 0.1, 0.7, 4), (3, 0.0, 0.75, 50)])
+@pytest.mark.parametrize('total,t0,t_end,delta', [(12, 0.0, 0.75, 2), (11, 0.1, 0.7, 4), (3, 0.0, 0.75, 50)])
 def test_gmp_schedule_ends_exactly_at_final_sparsity(total, t0, t_end, delta):
     model = _reduced(sparsity=0.75, s0=0.25, delta_t=delta, t0=t0, t_end=t_end)
     layers = list(fips_layers(model).values())
@@ -189,3 +194,25 @@ def test_hooks_state_masks_and_resume():
     assert all(torch.equal(resumed.masks()[k], masks[k]) for k in masks)
     with pytest.raises(timm_reduce.ReduceError, match='same schedule'):
         resumed.load_state_dict({**state, 'total_steps': 9})
+
+
+def test_schedule_acts_on_the_factors_the_optimizer_trains():
+    """An engine that calibrates one group at a time prunes that group only, to the exact target within it."""
+    model = _reduced(sparsity=0.75, s0=0.25, delta_t=2)
+    layers = fips_layers(model)
+    group0 = [m for n, m in layers.items() if n.startswith(('blocks.0.', 'blocks.1.'))]
+    others = {n: m.mask.clone() for n, m in layers.items() if not n.startswith(('blocks.0.', 'blocks.1.'))}
+    hooks = _hooks(model)
+    opt = torch.optim.AdamW(model.blocks[:2].parameters(), lr=1e-3)  # the shared basis listed once
+    hooks.setup(model, opt, 4)
+    for step in range(4):
+        opt.zero_grad()
+        model(images(model)).square().mean().backward()
+        hooks.after_backward(step)
+        opt.step()
+        hooks.after_step(step)
+    assert sum(m.active for m in group0) == keep_count(sum(m.mask.numel() for m in group0), 0.75)
+    assert all(torch.equal(layers[n].mask, mask) for n, mask in others.items())
+    assert len(hooks.masks()) == len(layers)
+    with pytest.raises(timm_reduce.ReduceError, match='trains none of the FiPS factors'):
+        hooks.setup(model, torch.optim.AdamW(model.head.parameters()), 4)

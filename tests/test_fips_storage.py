@@ -13,6 +13,7 @@ import timm_reduce
 from timm_reduce.fips import fips_layers, pack_bits, unpack_bits
 
 from fips_utils import images, tiny_swin, tiny_vit
+from fips_utils import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _tensor_bytes(path: Path) -> int:
@@ -31,10 +32,11 @@ def test_pack_bits_layout():
     assert pack_bits(torch.tensor([True, False, False, False, False, False, False, True, True])).tolist() == [129, 128]
 
 
-@pytest.mark.parametrize('make', [tiny_vit, tiny_swin], ids=['vit', 'swin'])
-def test_exact_round_trip_through_timm(make, tmp_path):
+@pytest.mark.parametrize('make,scaling', [(tiny_vit, False), (tiny_swin, False), (tiny_vit, True)],
+                         ids=['vit', 'swin', 'vit-scaling-vectors'])
+def test_exact_round_trip_through_timm(make, scaling, tmp_path):
     model = make()
-    timm_reduce.reduce(model, 'fips', budget=0.25, sparsity=0.75, group_size=2)
+    timm_reduce.reduce(model, 'fips', budget=0.25, sparsity=0.75, group_size=2, scaling_vectors=scaling)
     hooks = timm_reduce.get_strategy('fips').calibration_hooks(model, model._timm_reduce_record.recipe[-1].config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     hooks.setup(model, opt, 2)
@@ -55,6 +57,7 @@ def test_exact_round_trip_through_timm(make, tmp_path):
         assert torch.equal(loaded(x), model(x))
     for (name, a), b in zip(fips_layers(model).items(), fips_layers(loaded).values()):
         assert torch.equal(a.mask, b.mask) and torch.equal(a.factor, b.factor), name
+        assert (a.scale is None) == (not scaling) and (a.scale is None or torch.equal(a.scale, b.scale))
     first = next(iter(fips_layers(loaded)))  # the loaded model still shares the basis inside the block
     assert fips_layers(loaded)[first].basis is fips_layers(loaded)[first.replace('fc1', 'fc2')].basis
     assert len(timm_reduce.unique_parameters(loaded)) == len(timm_reduce.unique_parameters(model))

@@ -3,29 +3,51 @@
 Every linear of an MLP is put in (d x width) orientation (input linears transposed, fc2 as stored) and the group's
 slices are concatenated along the long axis: C = [W_1 | W_2 | ...] (d x M). With C = Q S Pᵀ,
 U = Q[:, :r] is the shared basis and V = Uᵀ C = (S Pᵀ)[:r] is cut back into per-layer factors V_k (r x width_k), so
-that W_k ≈ U V_k. The SVD is taken from the short side: the d x d Gram matrix C Cᵀ and its `eigh`, in float64.
+that W_k ≈ U V_k. The SVD is taken from the short side: the d x d Gram matrix C Cᵀ = Σ_k W_k W_kᵀ (accumulated
+slice by slice, so C is never materialised) and its `eigh`, in float64.
+With scaling vectors (paper §5) every hidden unit (column of a slice) is normalised before the decomposition and its
+norm kept as a per-unit scale: W_k ≈ U V_k diag(scale_k).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 
 from ..errors import ReduceError
 
-__all__ = ['Growth', 'GroupFactors', 'rank_for_budget', 'decompose_group']
+__all__ = ['Growth', 'GroupFactors', 'rank_for_budget', 'decompose_group', 'single_thread']
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on one intra-op thread (restored afterwards; not for concurrent torch threads).
+
+    Small LAPACK and memory-bound element-wise work gain little from threads, and on a shared, oversubscribed CPU
+    their thread barriers cost far more: a 768 x 768 `eigh` took 9-22 s on 2 threads at load 9 and 0.13 s on one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 Growth = Literal['hybrid', 'random', 'split']
 
 
 @dataclass
 class GroupFactors:
-    """The decomposition of one group: `basis` (d x r) and one factor (r x width_k) per input slice."""
+    """The decomposition of one group: `basis` (d x r), one factor (r x width_k) per input slice and, with scaling
+    vectors, one scale (width_k) per slice."""
 
     basis: torch.Tensor
     factors: list[torch.Tensor]
+    scales: list[torch.Tensor] | None = None
 
     @property
     def rank(self) -> int:
@@ -50,39 +72,11 @@ def rank_for_budget(dim: int, widths: Sequence[int], budget: float, sparsity: fl
     return rank
 
 
-def _grow(
-        basis: torch.Tensor,
-        factors: torch.Tensor,
-        rank: int,
-        growth: Growth,
-        beta: float,
-        generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Extend a full-rank (d x d, d x M) decomposition to `rank` > d components, keeping U V unchanged.
-
-    hybrid: zero basis columns; factor rows = copies of the top rows divided by `beta` (cycled when rank - d > d).
-    random: zero basis columns; factor rows i.i.d. normal with the std of the SVD factor divided by `beta`.
-    split: neuron splitting; component i is split into c_i copies (same basis column, factor row / c_i), the extra
-        components going to the top directions in order (cycled when rank - d > d).
-    """
-    d = basis.shape[1]
-    extra = rank - d
-    source = torch.arange(extra, device=basis.device) % d
-    if growth == 'split':
-        copies = torch.ones(d, dtype=factors.dtype, device=factors.device)
-        copies.index_add_(0, source, torch.ones(extra, dtype=factors.dtype, device=factors.device))
-        factors = factors / copies[:, None]
-        return torch.cat([basis, basis[:, source]], 1), torch.cat([factors, factors[source]], 0)
-    zeros = basis.new_zeros(basis.shape[0], extra)
-    if growth == 'hybrid':
-        new_rows = factors[source] / beta
-    elif growth == 'random':
-        std = factors.std() / beta
-        noise = torch.randn(extra, factors.shape[1], generator=generator, dtype=torch.float64)
-        new_rows = (noise.to(factors.device) * std).to(factors.dtype)
-    else:
-        raise ReduceError(f"fips: growth must be 'hybrid', 'random' or 'split', got {growth!r}.")
-    return torch.cat([basis, zeros], 1), torch.cat([factors, new_rows], 0)
+def _growth_plan(dim: int, rank: int, growth: Growth) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Source direction of each grown component, and (split only) the number of copies of every direction."""
+    source = torch.arange(rank - dim) % dim
+    copies = torch.bincount(source, minlength=dim).double() + 1 if growth == 'split' else None
+    return source, copies
 
 
 @torch.no_grad()
@@ -92,12 +86,24 @@ def decompose_group(
         growth: Growth = 'hybrid',
         beta: float = 32.0,
         generator: torch.Generator | None = None,
+        scaling_vectors: bool = False,
+        names: Sequence[str] | None = None,
 ) -> GroupFactors:
     """Shared basis and per-slice factors of `slices` (each d x width_k), at `rank`.
 
-    The result has the dtype and device of the slices. On the meta device only the shapes are produced (used for
-    size arithmetic without memory). With rank >= d and no pruning, U V_k reproduces each slice (up to the
-    precision of the dtype: exactly the float64 round-off for float64 inputs).
+    The Gram matrix Σ_k W_k W_kᵀ is accumulated slice by slice in float64 (no concatenated copy), `eigh` runs in
+    float64, and every factor V_k = Uᵀ W_k is projected in the slices' precision (float64 for float64 inputs, else
+    float32). With rank > d the decomposition grows, keeping U V_k unchanged:
+      hybrid: zero basis columns; factor rows = copies of the top rows divided by `beta` (cycled when rank - d > d);
+      random: zero basis columns; factor rows i.i.d. normal with the std of the SVD factors divided by `beta`;
+      split: neuron splitting; direction i is split into c_i copies (same basis column, factor row / c_i), the
+        extra components going to the top directions in order (cycled when rank - d > d).
+    The result has the dtype and device of the slices. On the meta device only the shapes are produced (size
+    arithmetic without memory). With rank >= d and no pruning, U V_k reproduces each slice up to the round-off of
+    the dtype.
+
+    Raises:
+        ReduceError: slices of different heights, NaN or infinite weights (named with `names`), unknown growth.
     """
     dim = slices[0].shape[0]
     dtype, device = slices[0].dtype, slices[0].device
@@ -105,17 +111,65 @@ def decompose_group(
     if any(s.shape[0] != dim for s in slices):
         raise ReduceError(f'fips: a group mixes MLP widths {sorted({s.shape[0] for s in slices})}; all its linears '
                           f'must have the same model dimension.')
+    if growth not in ('hybrid', 'random', 'split'):
+        raise ReduceError(f"fips: growth must be 'hybrid', 'random' or 'split', got {growth!r}.")
+    scales = [torch.empty(w, dtype=dtype, device=device) for w in widths] if scaling_vectors else None
     if device.type == 'meta':
         basis = torch.empty(dim, rank, dtype=dtype, device=device)
-        return GroupFactors(basis, [torch.empty(rank, w, dtype=dtype, device=device) for w in widths])
-    concat = torch.cat([s.to(torch.float64) for s in slices], 1)
-    gram = concat @ concat.T
-    _, eigvecs = torch.linalg.eigh(gram)
-    eigvecs = eigvecs.flip(1)  # eigh sorts ascending; the leading directions come first
+        return GroupFactors(basis, [torch.empty(rank, w, dtype=dtype, device=device) for w in widths], scales)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def prepared(i: int) -> torch.Tensor:
+        """Slice i in float64, its hidden units normalised with scaling vectors."""
+        w = slices[i].to(torch.float64)
+        if scales is None:
+            return w
+        norms = w.norm(dim=0)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))  # an all-zero unit keeps scale 1
+        scales[i].copy_(norms)
+        return w / norms
+
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    for i in range(len(slices)):
+        w = prepared(i)
+        gram.addmm_(w, w.T)
+        if not torch.isfinite(gram).all():
+            where = names[i] if names is not None else f'slice {i}'
+            raise ReduceError(f'fips: {where} contains NaN or infinite values; cannot decompose it.')
+    with single_thread():
+        _, eigvecs = torch.linalg.eigh(gram)
     keep = min(rank, dim)
-    basis = eigvecs[:, :keep].contiguous()
-    factors = basis.T @ concat  # = (S Pᵀ)[:keep], without dividing by singular values
-    if rank > dim:
-        basis, factors = _grow(basis, factors, rank, growth, beta, generator)
-    pieces = torch.split(factors, widths, dim=1)
-    return GroupFactors(basis.to(dtype).contiguous(), [p.to(dtype).contiguous() for p in pieces])
+    basis = eigvecs.flip(1)[:, :keep]  # eigh sorts ascending; the leading directions come first
+    projector = basis.T.to(compute).contiguous()
+    source, copies = _growth_plan(dim, rank, growth) if rank > dim else (None, None)
+    factors = []
+    for i in range(len(slices)):
+        w = slices[i].to(compute) if scales is None else prepared(i).to(compute)
+        v = torch.empty(rank, widths[i], dtype=compute, device=device)
+        torch.mm(projector, w, out=v[:keep])  # = (S Pᵀ)[:keep] of this slice, without dividing by singular values
+        factors.append(v)
+    if source is not None:
+        extra = rank - dim
+        src = source.to(device)
+        if growth == 'split':
+            inv = (1.0 / copies).to(device=device, dtype=compute)
+            for v in factors:
+                v[:dim].mul_(inv[:, None])
+                v[dim:] = v[src]
+            basis = torch.cat([basis, basis[:, src]], 1)
+        else:
+            if growth == 'random':
+                count = sum(v[:dim].numel() for v in factors)
+                mean = sum(float(v[:dim].sum(dtype=torch.float64)) for v in factors) / count
+                sq = sum(float(v[:dim].pow(2).sum(dtype=torch.float64)) for v in factors) / count
+                std = math.sqrt(max(sq - mean * mean, 0.0) * count / max(count - 1, 1)) / beta
+            for v in factors:
+                if growth == 'hybrid':
+                    v[dim:] = v[src] / beta
+                else:
+                    noise = torch.randn(extra, v.shape[1], generator=generator, dtype=torch.float64)
+                    v[dim:] = (noise * std).to(device=device, dtype=compute)
+            basis = torch.cat([basis, basis.new_zeros(dim, extra)], 1)
+    if scales is not None:
+        scales = [sc.to(dtype) for sc in scales]
+    return GroupFactors(basis.to(dtype).contiguous(), [v.to(dtype) for v in factors], scales)

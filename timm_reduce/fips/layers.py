@@ -74,6 +74,7 @@ class FipsLinear(nn.Module):
         bias: dense bias of the original layer (width for an input linear, d for fc2) or None.
         transposed: True for input linears (fc1: d -> width, weight (U V)ᵀ), False for fc2 (width -> d, weight U V).
         storage_dtype: dtype of the factor's values in the compact saved form (`torch.float32` or `torch.bfloat16`).
+        scale: optional per-hidden-unit scale (width,), trainable (scaling vectors): W = U V_k diag(scale).
 
     In eval mode without autograd the dense weight is computed once and cached until a parameter changes in place
     (optimizer step, `load_state_dict`), is replaced (`.to()`), or `train()` is called. Changes made through
@@ -87,12 +88,14 @@ class FipsLinear(nn.Module):
             bias: torch.Tensor | None,
             transposed: bool,
             storage_dtype: torch.dtype = torch.float32,
+            scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.basis = basis
         self.factor = nn.Parameter(factor)
         self.register_buffer('mask', torch.ones(factor.shape, dtype=torch.bool, device=factor.device))
         self.bias = nn.Parameter(bias) if bias is not None else None
+        self.scale = nn.Parameter(scale) if scale is not None else None
         self.transposed = transposed
         self.storage_dtype = storage_dtype
         width = factor.shape[1]
@@ -108,15 +111,21 @@ class FipsLinear(nn.Module):
         """The dense weight (out_features, in_features), differentiable w.r.t. U and V."""
         return self.dense_weight()
 
+    def scaled_factor(self) -> torch.Tensor:
+        """V_k, times the per-unit scales when the layer has scaling vectors."""
+        return self.factor if self.scale is None else self.factor * self.scale
+
     def dense_weight(self) -> torch.Tensor:
-        w = self.basis.weight @ self.factor  # (d, width)
+        w = self.basis.weight @ self.scaled_factor()  # (d, width)
         return w.T.contiguous() if self.transposed else w
 
     # ---- cache -------------------------------------------------------------------------------------------------
 
     def _cache_key(self) -> tuple:
-        u, v = self.basis.weight, self.factor
-        return u._version, v._version, u.data_ptr(), v.data_ptr(), u.dtype, v.dtype, u.device, tuple(u.shape)
+        u, v, s = self.basis.weight, self.factor, self.scale
+        scale_key = (s._version, s.data_ptr()) if s is not None else None
+        return (u._version, v._version, u.data_ptr(), v.data_ptr(), u.dtype, v.dtype, u.device, tuple(u.shape),
+                scale_key)
 
     def invalidate_cache(self) -> None:
         self._cache = None
@@ -151,11 +160,11 @@ class FipsLinear(nn.Module):
         return tokens * r * (d + w) < d * r * w + tokens * d * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and (self.basis.weight.requires_grad or self.factor.requires_grad)
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if not self.training and not needs_grad:
             return F.linear(x, self.cached_weight(), self.bias)
         if self._low_rank_cheaper(x):
-            u, v = self.basis.weight, self.factor
+            u, v = self.basis.weight, self.scaled_factor()
             if self.transposed:  # x (.., d) -> x U (.., r) -> x U V (.., w)
                 return F.linear(F.linear(x, u.T), v.T, self.bias)
             return F.linear(F.linear(x, v), u, self.bias)  # x (.., w) -> x Vᵀ (.., r) -> x Vᵀ Uᵀ (.., d)
@@ -220,8 +229,10 @@ class FipsLinear(nn.Module):
         bit_bytes = (self.mask.numel() + 7) // 8 if self._bits_stored() else 0
         return {'kind': 'fips_factor', 'rank': self.rank, 'shape': list(self.factor.shape),
                 'sparsity': self.sparsity, 'stored_params': active, 'bytes': value_bytes + bit_bytes,
-                'bias_params': self.bias.numel() if self.bias is not None else 0}
+                'bias_params': self.bias.numel() if self.bias is not None else 0,
+                'scale_params': self.scale.numel() if self.scale is not None else 0}
 
     def extra_repr(self) -> str:
         return (f'in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, '
-                f'bias={self.bias is not None}, {"transposed" if self.transposed else "direct"}')
+                f'bias={self.bias is not None}, scale={self.scale is not None}, '
+                f'{"transposed" if self.transposed else "direct"}')

@@ -3,8 +3,8 @@ during calibration: GMP (cubic schedule), RigL (drop by magnitude, regrow by den
 
 Masks are bool buffers on the FipsLinear layers (`<layer>.mask`), so they travel with `state_dict()`. A masked entry
 is zero in the factor, gets a zero gradient, and has zero optimizer moments. Selection is exact: `prune` keeps
-exactly ⌊N(1 - s)⌋ entries (ties broken in parameter order), found by bisection on the float bit patterns, so no
-sort of all factors at once is needed (memory stays O(largest factor)).
+exactly ⌊N(1 - s)⌋ entries (ties broken in parameter order), found by a radix select on the float bit patterns, so
+no sort of all factors at once is needed (memory stays O(largest factor)).
 """
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 from ..errors import ReduceError
+from .decompose import single_thread
 from .layers import FipsLinear
 
-__all__ = ['fips_layers', 'keep_count', 'select_top', 'prune', 'gmp_sparsity', 'rigl_drop_fraction',
+__all__ = ['fips_layers', 'keep_count', 'magnitude_keys', 'select_top', 'prune', 'gmp_sparsity', 'rigl_drop_fraction',
            'FipsSparsifier', 'make_hooks']
-
-_INF_BITS = 0x7F800000  # bit pattern of +inf as int32; every finite non-negative float32 is below it
 
 
 def fips_layers(model: nn.Module) -> dict[str, FipsLinear]:
@@ -33,45 +32,50 @@ def keep_count(numel: int, sparsity: float) -> int:
     return math.floor(round(numel * (1.0 - sparsity), 6))
 
 
-def _score_bits(score: torch.Tensor) -> torch.Tensor:
-    """Non-negative float scores as int32 keys with the same order; negative scores (excluded) map below zero."""
-    score = score.detach().float()
-    return torch.where(score >= 0, score, torch.full_like(score, -1.0)).view(torch.int32)
+def magnitude_keys(values: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered like |values| (as float32) where `eligible`, and -1 (never selected) elsewhere."""
+    keys = values.detach().abs().float().view(torch.int32)  # non-negative floats order like their bit patterns
+    return keys.masked_fill(~eligible, -1)
+
+
+def _digit_at_rank(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """For a histogram of digits, the digit holding the k-th largest entry and how many entries of it are needed."""
+    above = counts.flip(0).cumsum(0).flip(0)  # above[b] = entries with digit >= b
+    digit = int((above >= k).nonzero().max())
+    return digit, k - int(above[digit]) + int(counts[digit])
 
 
 @torch.no_grad()
-def select_top(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Bool masks selecting the `k` largest non-negative scores across all tensors (negative = not eligible).
+def select_top(keys: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Bool masks selecting the `k` largest keys across all tensors (keys from `magnitude_keys`; -1 = ineligible).
 
     Exactly `k` entries are selected (fewer only if fewer are eligible); ties at the threshold go to the earliest
-    entries in (tensor, row-major) order, so the result is deterministic and identical on every rank.
+    entries in (tensor, row-major) order, so the result is deterministic and identical on every rank. The threshold
+    is found by a two-pass radix select (16 high bits, then 16 low bits): no sort, memory O(largest tensor).
     """
-    keys = [_score_bits(s) for s in scores]
-    eligible = sum(int((b >= 0).sum()) for b in keys)
-    k = min(k, eligible)
+    high = torch.zeros((1 << 15) + 1, dtype=torch.int64)  # bin 0 holds the ineligible -1 keys
+    for b in keys:
+        high += torch.bincount(((b >> 16) + 1).reshape(-1), minlength=high.numel()).cpu()
+    k = min(k, int(high[1:].sum()))
     if k <= 0:
         return [torch.zeros_like(b, dtype=torch.bool) for b in keys]
-
-    def count_at_least(t: int) -> int:
-        return sum(int((b >= t).sum()) for b in keys)
-
-    lo, hi = 0, _INF_BITS + 1  # count_at_least(lo) >= k > count_at_least(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if count_at_least(mid) >= k:
-            lo = mid
-        else:
-            hi = mid
-    remaining = k - count_at_least(lo + 1)  # entries equal to the threshold still to take
+    top, need = _digit_at_rank(high[1:], k)  # `need` entries whose high digit is `top` complete the k
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for b in keys:
+        low += torch.bincount((b[(b >> 16) == top] & 0xFFFF), minlength=1 << 16).cpu()
+    bottom, remaining = _digit_at_rank(low, need)  # `remaining` entries equal to the threshold are taken
+    threshold = (top << 16) | bottom
+    if remaining == int(low[bottom]):  # every tie is taken (the usual case): one comparison per tensor
+        return [b >= threshold for b in keys]
     out = []
     for b in keys:
-        above = b > lo
-        tie = b == lo
-        if remaining > 0 and bool(tie.any()):
+        above = b > threshold
+        if remaining > 0:
+            tie = b == threshold
             order = tie.reshape(-1).cumsum(0).reshape(tie.shape)
             take = tie & (order <= remaining)
             remaining -= int(take.sum())
-            above = above | take
+            above |= take
         out.append(above)
     return out
 
@@ -100,7 +104,13 @@ def prune(layers: Sequence[FipsLinear], sparsity: float, scope: str = 'global',
     """
     if not layers:
         return
-    scores = [torch.where(m.mask, m.factor.detach().abs(), torch.full_like(m.factor, -1.0)) for m in layers]
+    with single_thread():  # memory-bound passes; thread barriers only cost on a shared CPU
+        _prune(layers, sparsity, scope, optimizer)
+
+
+def _prune(layers: Sequence[FipsLinear], sparsity: float, scope: str,
+           optimizer: torch.optim.Optimizer | None) -> None:
+    scores = [magnitude_keys(m.factor, m.mask) for m in layers]
     if scope == 'global':
         keeps = select_top(scores, keep_count(sum(m.mask.numel() for m in layers), sparsity))
     elif scope == 'local':
@@ -147,9 +157,10 @@ class FipsSparsifier:
 
     def __init__(self, model: nn.Module, config: Any) -> None:
         self.config = config
-        self.layers = fips_layers(model)
-        if not self.layers:
+        self.all_layers = fips_layers(model)
+        if not self.all_layers:
             raise ReduceError('fips hooks: the model has no FiPS layers; apply reduce(model, "fips", ...) first.')
+        self.layers = self.all_layers  # the factors the schedule acts on (those the optimizer trains)
         self.optimizer: torch.optim.Optimizer | None = None
         self.total_steps = 0
         self.t0 = self.t_end = 0
@@ -167,7 +178,7 @@ class FipsSparsifier:
         return self.config.start_sparsity
 
     def sparsity(self) -> float:
-        """Current sparsity over all factors."""
+        """Current sparsity over the scheduled factors."""
         total = sum(m.mask.numel() for m in self.layers.values())
         return 1.0 - sum(m.active for m in self.layers.values()) / total
 
@@ -186,10 +197,21 @@ class FipsSparsifier:
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int) -> None:
         """Remember the optimizer (its moments get masked) and the run length; prune to the start sparsity if the
-        masks are not there yet (a resumed run keeps its masks)."""
+        masks are not there yet (a resumed run keeps its masks).
+
+        The schedule acts on the factors this optimizer trains (all of them when it is None): one joint run over
+        the whole model prunes globally across the model; a run per group of blocks prunes within that group.
+        """
         if total_steps < 1:
             raise ReduceError(f'fips hooks: total_steps must be >= 1, got {total_steps}.')
-        self.layers = fips_layers(model)
+        self.all_layers = fips_layers(model)
+        self.layers = self.all_layers
+        if optimizer is not None:
+            trained = {id(p) for group in optimizer.param_groups for p in group['params']}
+            self.layers = {n: m for n, m in self.all_layers.items() if id(m.factor) in trained}
+            if not self.layers:
+                raise ReduceError('fips hooks: the optimizer trains none of the FiPS factors; pass the optimizer '
+                                  'of the calibrated blocks (it must hold their `factor` parameters).')
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.t0 = math.floor(self.config.t0 * total_steps)
@@ -202,6 +224,8 @@ class FipsSparsifier:
 
     def after_backward(self, step: int) -> None:
         """Keep the dense gradient where RigL will need it, then zero the gradients of masked entries."""
+        if self.config.sparsifier == 'dense':
+            return
         if self._rigl_step(step):
             self._dense_grads = {n: m.factor.grad.detach().clone() for n, m in self.layers.items()
                                  if m.factor.grad is not None}
@@ -213,6 +237,8 @@ class FipsSparsifier:
     def after_step(self, step: int) -> None:
         """Re-apply the masks to factors and optimizer moments; prune or exchange entries on schedule."""
         self.last_step = step
+        if self.config.sparsifier == 'dense':
+            return
         layers = list(self.layers.values())
         if self._prune_step(step):
             target = gmp_sparsity(step, self.final_sparsity, self.start_sparsity, self.t0, self.t_end)
@@ -233,9 +259,8 @@ class FipsSparsifier:
             if n == 0 or active == m.mask.numel():
                 continue
             n = min(n, m.mask.numel() - active)
-            magnitude = torch.where(m.mask, m.factor.abs(), torch.full_like(m.factor, -1.0))
-            kept = select_top([magnitude], active - n)[0]
-            grown = select_top([torch.where(m.mask, torch.full_like(grad, -1.0), grad.abs())], n)[0]
+            kept = select_top([magnitude_keys(m.factor, m.mask)], active - n)[0]
+            grown = select_top([magnitude_keys(grad, ~m.mask)], n)[0]
             m.factor.masked_fill_(grown, 0.0)
             m.mask.copy_(kept | grown)
             if self.optimizer is not None:
@@ -258,8 +283,8 @@ class FipsSparsifier:
         self.total_steps = int(state['total_steps']) or self.total_steps
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """`{'<layer path>.mask': bool mask}` of every factor (the live buffers; do not modify)."""
-        return {f'{name}.mask': m.mask for name, m in self.layers.items()}
+        """`{'<layer path>.mask': bool mask}` of every factor of the model (the live buffers; do not modify)."""
+        return {f'{name}.mask': m.mask for name, m in self.all_layers.items()}
 
 
 def keep_sparsity(layers: dict[str, FipsLinear] | Sequence[FipsLinear], sparsity: float, scope: str) -> float:

@@ -5,6 +5,7 @@ The algorithm lives in `timm_reduce.fips` (decompose -> layers -> sparsity); thi
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +22,8 @@ from ..hidden_units import input_linears
 from ..registry import register_strategy
 
 __all__ = ['FipsConfig', 'apply_fips', 'group_slices']
+
+_logger = logging.getLogger(__name__)
 
 _DEFAULT_SPARSITY = 0.75
 
@@ -39,7 +42,9 @@ class FipsConfig:
             columns + top factor rows / beta), `'random'` (zero basis columns + random rows of std(V) / beta) or
             `'split'` (neuron splitting: a direction and its factor row split into equal copies).
         beta: divisor of the grown factor rows (hybrid and random growth).
-        scaling_vectors: per-neuron scales (paper §5). Not implemented; True raises an error.
+        scaling_vectors: per-hidden-unit scales (paper §5): every unit (fc1 row, fc2 column) is normalised before
+            the SVD and its norm becomes a trainable scale (one vector per layer, dense, counted like the biases
+            outside the budget). The paper found them useful with local pruning only.
         sparsifier: `'gmp'` (cubic schedule from s0 to `sparsity` during calibration), `'rigl'` (constant
             sparsity, drop/regrow), `'static'` (pruned once) or `'dense'` (no masks, sparsity 0).
         pruning: `'global'` (one magnitude threshold over all factors of the model) or `'local'` (same sparsity in
@@ -84,9 +89,6 @@ class FipsConfig:
             bad('give either group_size or groups, not both.')
         if self.group_size is not None and self.group_size < 1:
             bad(f'group_size must be an integer >= 1, got {self.group_size}.')
-        if self.scaling_vectors:
-            bad('scaling_vectors=True (per-neuron scales, paper §5) is not implemented; the paper found them '
-                'useful only with local pruning and left them out of the final recipe. Use scaling_vectors=False.')
         if not (math.isfinite(self.beta) and self.beta > 0):
             bad(f'beta must be > 0, got {self.beta}.')
         if not 0 <= self.s0 < 1:
@@ -124,7 +126,7 @@ def group_slices(mlp: nn.Module) -> list[tuple[str, bool]]:
 
 def _check_mlp(site: MlpSite) -> None:
     mlp = site.mlp
-    for name, transposed in group_slices(mlp):
+    for name, _ in group_slices(mlp):
         layer = getattr(mlp, name)
         if isinstance(layer, FipsLinear):
             raise ReduceError(f'fips: block {site.path} is already reduced with fips.')
@@ -134,11 +136,6 @@ def _check_mlp(site: MlpSite) -> None:
     if mlp.fc2.out_features != getattr(mlp, input_linears(mlp)[0]).in_features:
         raise ReduceError(f'fips: {site.path}.mlp maps {getattr(mlp, input_linears(mlp)[0]).in_features} -> '
                           f'{mlp.fc2.out_features} features; a shared basis needs the same dimension in and out.')
-    for name, _ in group_slices(mlp):
-        weight = getattr(mlp, name).weight
-        if weight.device.type != 'meta' and not torch.isfinite(weight).all():
-            raise ReduceError(f'fips: {site.path}.mlp.{name}.weight contains NaN or infinite values; '
-                              f'cannot decompose it.')
 
 
 @register_strategy('fips', FipsConfig, calibration_hooks=make_hooks,
@@ -153,7 +150,7 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig) -> No
     group_size = config.group_size if config.group_size is not None else (None if config.groups else 4)
     groups = resolve_groups(sites, group_size, config.groups, within_stage=True)
     generator = torch.Generator().manual_seed(config.seed)
-    sparsity = config.target_sparsity
+    plans = []  # validate every group (shapes, rank) before changing the model: a failure leaves it untouched
     for group in groups:
         members = [sites[i] for i in group]
         slices, owners = [], []
@@ -166,19 +163,34 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig) -> No
         if len(dims) != 1:
             raise ReduceError(f'fips: blocks {", ".join(s.path for s in members)} have different model dimensions '
                               f'{sorted(dims)} and cannot share a basis; put them in different groups.')
-        rank = rank_for_budget(slices[0].shape[0], [s.shape[1] for s in slices], config.budget, sparsity)
-        parts = decompose_group(slices, rank, config.growth, config.beta, generator)
+        rank = rank_for_budget(slices[0].shape[0], [s.shape[1] for s in slices], config.budget,
+                               config.target_sparsity)
+        plans.append((members, slices, owners, rank))
+    decomposed = []  # decompose every group (NaN checks included) before installing any
+    for members, slices, owners, rank in plans:
+        names = [f'{site.path}.mlp.{name}.weight' for site, name, _ in owners]
+        decomposed.append(decompose_group(slices, rank, config.growth, config.beta, generator,
+                                          config.scaling_vectors, names))
+    for (members, slices, owners, rank), parts in zip(plans, decomposed):
         basis = FipsBasis(parts.basis, [s.path for s in members])
         basis.weight.requires_grad_(any(getattr(s.mlp, n).weight.requires_grad for s, n, _ in owners))
-        for (site, name, transposed), factor in zip(owners, parts.factors):
+        scales = parts.scales or [None] * len(parts.factors)
+        for (site, name, transposed), factor, scale in zip(owners, parts.factors, scales):
             old = getattr(site.mlp, name)
             bias = old.bias.detach().clone() if old.bias is not None else None
-            layer = FipsLinear(basis, factor, bias, transposed, config.dtype_for_storage)
+            layer = FipsLinear(basis, factor, bias, transposed, config.dtype_for_storage, scale)
             layer.factor.requires_grad_(old.weight.requires_grad)
+            if scale is not None:
+                layer.scale.requires_grad_(old.weight.requires_grad)
             if bias is not None:
                 layer.bias.requires_grad_(old.bias.requires_grad)
             layer.train(old.training)
             setattr(site.mlp, name, layer)
+        _logger.info(f'fips: group {", ".join(s.path for s in members)}: d={parts.basis.shape[0]}, rank {rank}')
     layers = list(fips_layers(model).values())
     if config.start_sparsity > 0 and all(m.factor.device.type != 'meta' for m in layers):
         prune(layers, config.start_sparsity, config.pruning)
+    if config.start_sparsity < config.target_sparsity:
+        _logger.info(f'fips: factors pruned to the GMP start sparsity {config.start_sparsity:.0%}; calibration '
+                     f'raises it to {config.target_sparsity:.0%} (only then is the budget {config.budget:.0%} met). '
+                     f"Use sparsifier='static' for the final sparsity without calibration.")
