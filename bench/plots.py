@@ -64,12 +64,35 @@ def plot_accuracy(records: list[dict[str, Any]]) -> None:
     if original is not None:
         ax.axhline(original, color='k', lw=1, ls=':', label=f'original ({original:.2f}%)')
     r0 = next((r for r in records if r['method'] != 'original'), records[0])
+    ax.set_xlim(0, 105)
     ax.set_xlabel('stored MLP weights (% of the original model\'s)')
     ax.set_ylabel(f"top-1 on {r0.get('val_images', 10000):,} CIFAR-10 test images (%)")
     ax.set_title('Accuracy vs stored MLP parameters (benchmark ViT, calibrated, no fine-tuning)')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='lower right')
     _save(fig, 'accuracy_vs_params.png')
+
+
+def plot_nocalib(info: dict[str, Any]) -> None:
+    """Top-1 right after reduce() vs stored MLP parameters, one marker per variant (FiPS budgets as a line)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    before = info['rows']['original']['stored_mlp_params']
+    fips = sorted((100 * r['stored_mlp_params'] / before, r['top1']) for n, r in info['rows'].items()
+                  if n.startswith('FiPS') and 'static' in n)
+    if fips:
+        ax.plot(*zip(*fips), '-o', label='FiPS, SVD init, 75% sparse (10/25/40/50%)')
+    for name, r in info['rows'].items():
+        if name == 'original':
+            ax.axhline(r['top1'], color='k', lw=1, ls=':', label=f"original ({r['top1']:.2f}%)")
+        elif not (name.startswith('FiPS') and 'static' in name):
+            ax.plot([100 * r['stored_mlp_params'] / before], [r['top1']], 's', label=name)
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("stored MLP parameters (% of the original model's)")
+    ax.set_ylabel(f"top-1 on {info['images']:,} CIFAR-10 test images (%)")
+    ax.set_title('Right after reduce(): no calibration, no fine-tuning (benchmark ViT)', fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='lower right')
+    _save(fig, 'accuracy_nocalib.png')
 
 
 def plot_scratch(info: dict[str, Any]) -> None:
@@ -144,8 +167,14 @@ def main() -> None:
     p.add_argument('--results', type=Path, default=RESULTS, help='folder of the result files; PNGs go there too')
     RESULTS = p.parse_args().results
     accuracy = _load('compress_accuracy')
+    if accuracy is None:  # the calib runner's two halves, before it merges them
+        parts = [p for p in (_load('compress_accuracy_a'), _load('compress_accuracy_b')) if p]
+        accuracy = [r for part in parts for r in part] or None
     if accuracy:
         plot_accuracy(accuracy)
+    nocalib = _load('nocalib')
+    if nocalib:
+        plot_nocalib(nocalib)
     scratch = _load('scratch')
     if scratch and scratch.get('summary'):
         plot_scratch(scratch)

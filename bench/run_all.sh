@@ -2,7 +2,7 @@
 # Regenerates every benchmark of this branch that fits on one 2-core CPU machine, then the plots.
 #
 # Time (measured on 2 Xeon cores, each step timed when it produced the committed results; see docs/evidence.md):
-#   size.py ~SIZE | speed.py eager ~SPEED | deit_base ~BASE | compile ~COMPILE | fips_init.py ~INIT
+#   size.py ~2 min | nocalib.py ~5 min (both at load ~8) | speed.py eager ~SPEED | deit_base ~BASE | compile ~COMPILE | fips_init.py ~INIT
 #   scratch.py ~40 min under a load average of 7-9 (6 training runs) | plots.py < 1 min
 #   total ~TOTAL. Timing steps are meaningless on a shared machine: run this on a quiet one (load average < 2.5).
 #
@@ -31,6 +31,7 @@ step() {  # step NAME COMMAND...: run, and print how long it took
 }
 
 step size python bench/size.py
+step nocalib python bench/nocalib.py
 step speed python bench/speed.py --modes eager
 step speed_base python bench/speed.py --name speed_base --shapes deit_base_patch16_224 --variants shallow native_r2 \
   --batches 32 --modes eager --repeats 2
