@@ -30,12 +30,13 @@ step() {  # step NAME COMMAND...: run, and print how long it took
   echo "=== $name took $((SECONDS - start)) s"
 }
 
-step size python bench/size.py
-step nocalib python bench/nocalib.py
+# timing first, while the machine is quiet
 step speed python bench/speed.py --modes eager
 step speed_base python bench/speed.py --name speed_base --shapes deit_base_patch16_224 --variants shallow native_r2 \
   --batches 32 --modes eager --repeats 2
 step speed_compile python bench/speed.py --name speed_compile --modes compile
+step size python bench/size.py
+step nocalib python bench/nocalib.py
 if [ "$INIT" = 1 ] && [ -f bench/fips_init.py ]; then  # the FiPS colleague's script (branch fips)
   step fips_init python bench/fips_init.py
 fi

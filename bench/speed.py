@@ -13,6 +13,7 @@ measured at the start and end of the run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -86,7 +87,9 @@ def measure(shape: str, batch: int, mode: str, variants: list[str], repeats: int
         return [{'shape': shape, 'batch': batch, 'mode': mode, 'variant': v, 'error': errors['original']}
                 for v in variants]
     secs: dict[str, list[list[float]]] = {n: [[] for _ in range(passes)] for n in runners}
+    loads = []
     for p in range(passes):
+        loads.append(os.getloadavg()[0])
         for r in range(repeats):
             order = [n for n in runners if n != 'original']
             order = order[r % max(len(order), 1):] + order[:r % max(len(order), 1)]  # rotate the variant order
@@ -114,7 +117,7 @@ def measure(shape: str, batch: int, mode: str, variants: list[str], repeats: int
         row.update({
             'ratio': median_spread(pass_ratios), 'pass_ratios': pass_ratios,
             'img_per_s': statistics.median(var_ips), 'orig_img_per_s': statistics.median(orig_ips),
-            'warmup_s': warmups[name], 'orig_warmup_s': warmups['original'],
+            'warmup_s': warmups[name], 'orig_warmup_s': warmups['original'], 'load_average_per_pass': loads,
         })
         rows.append(row)
         print(f"  {shape} b{batch} {mode} {name:<10} {row['ratio']['median']:.3f}x "
@@ -130,18 +133,19 @@ def markdown(info: dict[str, Any]) -> str:
         ceil = f'{ceiling:.2f}x' if ceiling else ''
         if 'error' in r:
             rows.append([r['shape'], r['batch'], r['mode'], VARIANTS[r['variant']][0], ceil, 'failed: ' + r['error'],
-                         '', ''])
+                         '', '', ''])
             continue
         ratio = r['ratio']
         rows.append([r['shape'], r['batch'], r['mode'], r['label'], ceil, f"**{ratio['median']:.2f}x**",
-                     f"{ratio['min']:.2f}–{ratio['max']:.2f}", f"{r['img_per_s']:.1f} / {r['orig_img_per_s']:.1f}"])
+                     f"{ratio['min']:.2f}–{ratio['max']:.2f}", f"{r['img_per_s']:.1f} / {r['orig_img_per_s']:.1f}",
+                     f"{min(r['load_average_per_pass']):.1f}–{max(r['load_average_per_pass']):.1f}"])
     roof = info['roof']
     text = (f"Throughput ratio reduced / original (higher = faster), {info['setup']['repeats']} alternating repeats "
             f"per pass, median of {info['setup']['passes']} passes (range = min–max of the pass medians). Ceiling = "
             f"MACs ratio. Matmul roof (fp32 2048²): {roof['start']['median']:.0f} GFLOP/s at start"
             + (f", {roof['end']['median']:.0f} GFLOP/s at end" if 'end' in roof else ' (run not finished)') + '.\n\n')
     table = md_table(['shape', 'batch', 'mode', 'variant', 'MACs ceiling', 'measured', 'range over passes',
-                      'img/s variant / original'], rows)
+                      'img/s variant / original', 'load avg'], rows)
     notes = '\n'.join(f'- {n}' for n in info.get('notes', []))
     return text + table + ('\n\n' + notes if notes else '') + '\n'
 
