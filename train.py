@@ -49,7 +49,7 @@ from timm_reduce.serialization import load_reduced_state
 from timm_reduce.summary import model_input_size
 from timm_reduce.training import (
     DistInfo, SharedEma, checkpoint_recipe, checkpoint_state, init_distributed, load_training_checkpoint,
-    param_report, read_model_weights, recipe_from_flags, recipe_to_text,
+    param_report, patch_timm_posterize, read_model_weights, recipe_from_flags, recipe_to_text,
 )
 
 _logger = logging.getLogger('train')
@@ -577,6 +577,8 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
             collate_fn = FastCollateMixup(**mixup_args)
         else:
             mixup_fn = Mixup(**mixup_args)
+    if args.aa:
+        patch_timm_posterize()
     train_loader, val_loader = create_loaders(args, data_config, dist_info, num_aug_splits, collate_fn)
     dataset_classes = len(getattr(getattr(train_loader.dataset, 'reader', None), 'class_to_idx', None) or {})
     if dataset_classes > num_classes:

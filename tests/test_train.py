@@ -237,3 +237,19 @@ def test_splits_are_found_under_timm_synonyms(tmp_path):
     assert train._split_root(str(tmp_path), '', 'train') == (str(tmp_path / 'training'), 'train')
     assert train._split_root(str(tmp_path), '', 'validation') == (str(tmp_path / 'val'), 'validation')
     assert train._split_root(str(tmp_path), 'torch/cifar10', 'test') == (str(tmp_path), 'test')
+
+
+def test_randaugment_posterize_with_zero_bits_gives_black_instead_of_an_error():
+    """The seed's --aa rand-m9-mstd0.5-inc1 reaches 0 bits, which Pillow >= 13 refuses."""
+    import numpy as np
+    from PIL import Image, ImageOps
+    from timm.data.auto_augment import AugmentOp
+
+    from timm_reduce.training import patch_timm_posterize
+
+    patch_timm_posterize()
+    img = Image.fromarray(np.random.default_rng(0).integers(1, 255, (8, 8, 3), dtype=np.uint8))
+    strongest = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)  # keep 4 - 4 = 0 bits
+    assert not np.asarray(strongest(img)).any()
+    assert np.array_equal(np.asarray(AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=2.5)(img)),
+                          np.asarray(ImageOps.posterize(img, 3)))

@@ -35,9 +35,12 @@ def _free_port() -> int:
 
 def test_two_ranks_train_in_sync_checkpoint_and_resume(data_dir, tmp_path):
     out = tmp_path / 'out'
+    # the seed README's training flags too (mixup, cutmix, RandAugment, repeated augmentation, AMP, ...)
+    seed_flags = ['--grad-accum-steps', '2', '--drop-path', '0.1', '--mixup', '0.8', '--cutmix', '1.0', '--reprob',
+                  '0.25', '--aa', 'rand-m9-mstd0.5-inc1', '--aug-repeats', '3', '--amp', '--channels-last']
     flags = [*TINY, '--output', str(out), '--experiment', 'ddp', '--reduction-strategy', 'grouped', '--model-ema',
-             '--grad-checkpointing', '--reentrant-ckpt', '--dist-timeout', '60']
-    # one epoch = one step per rank on different images (24 train images, batch 8 per rank, drop_last)
+             '--grad-checkpointing', '--reentrant-ckpt', '--dist-timeout', '60', *seed_flags]
+    # one epoch = one update per rank on different images (24 train images, batch 8 per rank, drop_last)
     cmd = ['torchrun', '--standalone', '--nproc_per_node', '2', str(REPO / 'tests' / 'ddp_worker.py'), str(tmp_path),
            str(data_dir), *flags, '--epochs', '1']
     proc = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True,

@@ -26,7 +26,8 @@ from .spec import ReduceSpec, parse_recipe
 
 __all__ = [
     'MLP_RATIO_MEANING', 'recipe_from_flags', 'recipe_to_text', 'SharedEma', 'load_training_checkpoint',
-    'checkpoint_recipe', 'checkpoint_state', 'DistInfo', 'init_distributed', 'param_report',
+    'checkpoint_recipe', 'checkpoint_state', 'read_model_weights', 'DistInfo', 'init_distributed', 'param_report',
+    'patch_timm_posterize',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -263,6 +264,29 @@ def init_distributed(device: str | None, backend: str | None = None, timeout_s: 
         kwargs['device_id'] = torch.device(device)
     torch.distributed.init_process_group(**kwargs)
     return DistInfo(torch.device(device), torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size())
+
+
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:  # what Pillow < 13 returned for 0 bits: every bit masked, a black image
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def patch_timm_posterize() -> None:
+    """Make timm's RandAugment posterize accept 0 bits again.
+
+    With magnitude noise (`rand-m9-mstd0.5-inc1`, the seed's policy) `PosterizeIncreasing` reaches 0 bits, which
+    Pillow >= 13 rejects ("bits must be between or equal to 1 and 8"), killing a data loader worker after a few
+    hundred images. Call before the loaders are created (AugmentOp looks its function up when built).
+    """
+    from timm.data import auto_augment
+
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        auto_augment.NAME_TO_OP[name] = _posterize
 
 
 def param_report(model: nn.Module) -> dict[str, int]:
