@@ -52,6 +52,8 @@ def plot_accuracy(records: list[dict[str, Any]]) -> None:
     by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
     original = None
     for r in records:
+        if r.get('calibrated') is False:  # reduce-only records: bench/nocalib.py plots those
+            continue
         if r['method'] == 'original':
             original = r['top1']
         else:
