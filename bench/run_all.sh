@@ -39,7 +39,7 @@ step() {  # step NAME COMMAND...: run, and print how long it took
 # timing first, while the machine is quiet
 step speed python bench/speed.py --modes eager --threads 1 --repeats 2
 step speed_base python bench/speed.py --name speed_base --shapes deit_base_patch16_224 --variants shallow native_r2 \
-  --batches 8 --modes eager --threads 1 --repeats 2
+  --batches 8 32 --modes eager --threads 1 --repeats 2
 step speed_compile python bench/speed.py --name speed_compile --modes compile --threads 1 --repeats 2
 [ "$ONLY_TIMING" = 1 ] && exit 0
 step size python bench/size.py
