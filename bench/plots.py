@@ -159,7 +159,9 @@ def plot_speed(infos: list[dict[str, Any]]) -> None:
         ax.invert_yaxis()
         ax.set_title(f'{mode}, batch {batch}', fontsize=9)
         ax.set_xlabel('throughput / original')
-    axes[0][0].legend(fontsize=7, loc='lower right')
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='upper right', fontsize=8, ncol=2)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     _save(fig, 'speed.png')
 
 
