@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Regenerates every benchmark of this branch that fits on one 2-core CPU machine, then the plots.
 #
-# Time (measured on 2 Xeon cores, each step timed when it produced the committed results; see docs/evidence.md):
-#   size.py ~2 min | nocalib.py ~5 min (both at load ~8) | speed.py eager ~SPEED | deit_base ~BASE | compile ~COMPILE | fips_init.py ~INIT
-#   scratch.py ~40 min under a load average of 7-9 (6 training runs) | plots.py < 1 min
-#   total ~TOTAL. Timing steps are meaningless on a shared machine: run this on a quiet one (load average < 2.5).
+# Time (measured on 2 Xeon cores while 3-5 other sessions shared them, 1-minute load average 3-9):
+#   speed.py eager 506 s | deit_base batch 8+32 3.8 min | torch.compile 390 s | size.py 2 min | nocalib.py 1-5 min
+#   (half of it importing torch under load) | fips_init.py: not timed here (FiPS colleague's script)
+#   scratch.py 21 min (6 training runs) | plots.py 10 s  =>  total about 47 min plus fips_init.py.
+# Timing steps are only meaningful on a quiet machine; their results record the load average per pass.
 #
 # Not included: the accuracy-vs-budget table (bench/compress_accuracy.py on branch calib, ~hours) and the training
-# scaling table (bench/train_scaling.py on branch train); their results are read by plots.py when present.
+# scaling table (bench/train_scaling.py from branch train); plots.py plots compress_accuracy.json when present.
 #
 # Timing runs use one thread (--threads 1): with two OpenMP threads on a shared 2-core machine a deit_tiny forward
 # ran at 0.64 img/s instead of 29.8 img/s single-threaded (threads stall at every parallel region), so 2-thread
