@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +71,9 @@ def run_one(args: argparse.Namespace, strategy: str, seed: int, out_root: Path) 
     run_dir.mkdir(parents=True)
     print(f'[{time.strftime("%H:%M:%S")}] {strategy} seed {seed}: {" ".join(cmd[1:])}', flush=True)
     start = time.perf_counter()
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
     with open(out_root / f'{strategy}-s{seed}.log', 'w') as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f'train.py failed ({proc.returncode}); see {out_root / f"{strategy}-s{seed}.log"}')
@@ -119,7 +123,8 @@ def markdown(info: dict[str, Any]) -> str:
     text = (f"Small ViT (img 32, patch {s.get('patch', 4)}, dim {s['dim']}, depth {s['depth']}, {s['heads']} heads, "
             f"mlp_ratio 4) trained from scratch on CIFAR-10 with train.py: {s['epochs']} epoch(s) of "
             f"{s['steps_per_epoch'] or 'all'} steps × batch {s['batch_size']}, AdamW lr {s['lr']}, cosine; "
-            f"top-1 on all 10,000 test images after the last epoch. Per-run commands are in the JSON file.\n\n")
+            f"top-1 on all 10,000 test images after the last epoch. Per-run commands are in the JSON file."
+            + (f" {s['jobs']} run(s) at a time, OMP_NUM_THREADS={s['threads']}." if 'jobs' in s else '') + "\n\n")
     return text + table + '\n\n' + info.get('verdict', '') + '\n'
 
 
@@ -151,6 +156,9 @@ def main() -> None:
     p.add_argument('--strategies', nargs='+', default=list(STRATEGIES), choices=list(STRATEGIES))
     p.add_argument('--runs-dir', type=Path, default=ROOT / 'bench' / 'runs' / 'scratch')
     p.add_argument('--name', default='scratch')
+    p.add_argument('--threads', type=int, default=None,
+                   help='OMP_NUM_THREADS of each training process (1 is far faster on a shared machine)')
+    p.add_argument('--jobs', type=int, default=1, help='training runs at once (e.g. 2 single-threaded runs)')
     p.add_argument('--fresh', action='store_true', help='rerun every run, even those already in the result file')
     p.add_argument('--table-only', action='store_true', help='rewrite the .md of the existing result file, run nothing')
     args = p.parse_args()
@@ -165,6 +173,8 @@ def main() -> None:
                                            'batch_size', 'lr')}
     if args.patch != 4:  # recorded only when not the default, so older result files still match
         setup['patch'] = args.patch
+    if args.threads or args.jobs != 1:
+        setup.update(threads=args.threads, jobs=args.jobs)
     info['setup'] = setup
     old_path = RESULTS / f'{args.name}.json'
     runs: list[dict[str, Any]] = []
@@ -173,16 +183,27 @@ def main() -> None:
         if old.get('setup') == setup:
             runs = old.get('runs', [])
     args.runs_dir.mkdir(parents=True, exist_ok=True)
+    todo = []
     for seed in args.seeds:
         for strategy in args.strategies:
             if any(r['strategy'] == strategy and r['seed'] == seed for r in runs):
                 print(f'{strategy} seed {seed}: already in {old_path.name}, skipped')
-                continue
-            runs.append(run_one(args, strategy, seed, args.runs_dir))
+            else:
+                todo.append((strategy, seed))
+    lock = threading.Lock()
+
+    def one(job: tuple[str, int]) -> None:
+        result = run_one(args, job[0], job[1], args.runs_dir)
+        with lock:  # save as runs finish
+            runs.append(result)
             info['runs'] = runs
             info['summary'] = aggregate(runs)
             info['verdict'] = verdict(info['summary'])
             write_results(args.name, info, markdown(info))
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(one, job) for job in todo]:
+            future.result()
     info['runs'] = runs
     info['summary'] = aggregate(runs)
     info['verdict'] = verdict(info['summary'])
