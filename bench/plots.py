@@ -109,7 +109,8 @@ def plot_scratch(info: dict[str, Any]) -> None:
     s = info['setup']
     ax.set_xlabel('unique parameters (thousands)')
     ax.set_ylabel('top-1 on 10,000 CIFAR-10 test images (%)')
-    ax.set_title(f"From scratch, same recipe ({s['epochs']} ep × {s['steps_per_epoch']} steps × {s['batch_size']}), "
+    steps = s['steps_per_epoch'] or 'all'
+    ax.set_title(f"From scratch, same recipe ({s['epochs']} ep × {steps} steps × {s['batch_size']}), "
                  f"{len(info['runs']) // max(len(info['summary']), 1)} seeds", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -179,9 +180,11 @@ def main() -> None:
     nocalib = _load('nocalib')
     if nocalib:
         plot_nocalib(nocalib)
-    scratch = _load('scratch')
-    if scratch and scratch.get('summary'):
-        plot_scratch(scratch)
+    for name in ('scratch_epoch', 'scratch_long', 'scratch'):  # the largest from-scratch budget that finished
+        scratch = _load(name)
+        if scratch and len(scratch.get('runs', [])) == 6:
+            plot_scratch(scratch)
+            break
     size = _load('size')
     if size:
         plot_size(size)
