@@ -4,8 +4,8 @@
 # Time (measured on 2 Xeon cores while 3-5 other sessions shared them, 1-minute load average 3-9):
 #   speed.py eager 506 s | deit_base batch 8+32 3.8 min | torch.compile 390 s | size.py 2 min | nocalib.py 1-5 min
 #   (half of it importing torch under load) | fips_init.py: not timed here (FiPS colleague's script)
-#   scratch.py 4 min (6 single-threaded training runs, 2 at a time) | plots.py 10 s
-#   =>  total about 30 min plus fips_init.py.
+#   scratch.py 5.5 min (6 single-threaded one-epoch training runs, 2 at a time) | plots.py 10 s
+#   =>  total about 32 min plus fips_init.py.
 # Timing steps are only meaningful on a quiet machine; their results record the load average per pass.
 #
 # Not included: the accuracy-vs-budget table (bench/compress_accuracy.py on branch calib, ~hours) and the training
@@ -50,7 +50,7 @@ if [ "$INIT" = 1 ] && [ -f bench/fips_init.py ]; then  # the FiPS colleague's sc
   step fips_init python bench/fips_init.py
 fi
 if [ "$SCRATCH" = 1 ]; then
-  step scratch python bench/scratch.py --name scratch_long --patch 8 --dim 128 --heads 4 --epochs 1 \
-    --steps-per-epoch 312 --batch-size 64 --seeds 0 1 --threads 1 --jobs 2 --fresh
+  step scratch python bench/scratch.py --name scratch_epoch --patch 8 --dim 128 --heads 4 --epochs 1 \
+    --steps-per-epoch 0 --batch-size 64 --seeds 0 1 --threads 1 --jobs 2 --fresh
 fi
 step plots python bench/plots.py
