@@ -122,3 +122,8 @@ def test_stored_params_count_sparse_factors_by_non_zeros():
     assert info['stored_params'] == info['unique_params'] - masked_out
     grouped = timm_reduce.summary(timm_reduce.reduce(tiny('vit'), 'grouped'), macs=False)
     assert grouped['stored_params'] == grouped['unique_params']
+
+
+def test_fips_macs_equal_the_materialised_model():
+    model = timm_reduce.reduce(tiny('vit'), 'fips', budget=0.5, group_size=2, sparsifier='static')
+    assert timm_reduce.summary(model)['macs'] == timm_reduce.summary(timm_reduce.materialize(model))['macs']

