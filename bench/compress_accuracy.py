@@ -180,6 +180,15 @@ def stored_mlp_weights(model: nn.Module) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- data
+def calibration_batches(args: argparse.Namespace, model: nn.Module) -> list[torch.Tensor]:
+    """A seeded random `calib_batches x batch_size` subset of the training images, in batches."""
+    root = str(Path(args.data) / 'train.tar')
+    total = len(timm.data.create_dataset('', root=root))
+    gen = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(total, generator=gen)[:args.calib_batches * args.batch_size].tolist()
+    return list(load_images(root, model, idx, Path(args.image_cache))[0].split(args.batch_size))
+
+
 def load_images(root: str, model: nn.Module, indices: list[int] | None, cache_dir: Path | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of `root` (all, or `indices`) through the model's eval transforms, with their targets.
@@ -263,13 +272,7 @@ def run(args: argparse.Namespace) -> None:
     records = json.loads(out_json.read_text()) if out_json.is_file() and args.resume else []
     done = {(r['method'], r['budget']) for r in records}
     base = load_model(args.model_dir, args.weights)
-    gen = torch.Generator().manual_seed(args.seed)
-    train_root = str(Path(args.data) / 'train.tar')
-    n_calib = args.calib_batches * args.batch_size
-    total = len(timm.data.create_dataset('', root=train_root))
-    calib_idx = torch.randperm(total, generator=gen)[:n_calib].tolist()
-    calib_images, _ = load_images(train_root, base, calib_idx, Path(args.image_cache))
-    calib = list(calib_images.split(args.batch_size))
+    calib = calibration_batches(args, base)
     val_images, val_targets = load_images(str(Path(args.data) / 'val.tar'), base, None, Path(args.image_cache))
     if args.val_limit:
         val_images, val_targets = val_images[:args.val_limit], val_targets[:args.val_limit]
@@ -286,7 +289,7 @@ def run(args: argparse.Namespace) -> None:
         out_json.write_text(json.dumps(records, indent=1))
         write_table(records, out_json.with_suffix('.md'))
 
-    common = {'calib_images': n_calib, 'batch_size': args.batch_size, 'epochs': args.epochs, 'lr': args.lr,
+    common = {'calib_images': args.calib_batches * args.batch_size, 'batch_size': args.batch_size, 'epochs': args.epochs, 'lr': args.lr,
               'val_images': len(val_images), 'machine': machine, 'command': command, 'model': model_source}
     if ('original', 1.0) not in done and not args.no_original:
         tic = time.perf_counter()
@@ -400,11 +403,7 @@ def probe_memory(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     method, budget = args.probe_memory[0], float(args.probe_memory[1])
     model = load_model(args.model_dir, args.weights)
-    root = str(Path(args.data) / 'train.tar')
-    total = len(timm.data.create_dataset('', root=root))
-    gen = torch.Generator().manual_seed(args.seed)
-    idx = torch.randperm(total, generator=gen)[:args.calib_batches * args.batch_size]
-    calib = list(load_images(root, model, idx.tolist(), Path(args.image_cache))[0].split(args.batch_size))
+    calib = calibration_batches(args, model)
     strategy, options = method_spec(method, budget, args.group_size, args.calib_batches)
     # warm-up on one batch: library code pages and kernel caches touched once are not calibration memory
     timm_reduce.compress(load_model(args.model_dir, args.weights), strategy, data=calib[:1], epochs=1, batches=1,

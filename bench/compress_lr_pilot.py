@@ -16,9 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import timm_reduce  # noqa: E402
-from compress_accuracy import load_images, load_model  # noqa: E402
+from compress_accuracy import calibration_batches, load_model  # noqa: E402
 
-import timm  # noqa: E402
 
 
 def main() -> None:
@@ -38,11 +37,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     base = load_model(args.model_dir, args.weights)
-    root = str(Path(args.data) / 'train.tar')
-    total = len(timm.data.create_dataset('', root=root))
-    gen = torch.Generator().manual_seed(args.seed)
-    idx = torch.randperm(total, generator=gen)[:args.calib_batches * args.batch_size]
-    calib = list(load_images(root, base, idx.tolist(), Path(args.image_cache))[0].split(args.batch_size))
+    calib = calibration_batches(args, base)
     steps = args.epochs * args.calib_batches
     rows = []
     for lr in args.lrs:
