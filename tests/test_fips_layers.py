@@ -120,3 +120,31 @@ def test_materialize_is_exact_and_plain(make):
     with torch.no_grad():
         assert torch.equal(dense(x), model(x))
     assert fips_layers(model)  # the original is unchanged
+
+
+
+def _compiled_graphs(depth: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_vit(depth=depth)
+    timm_reduce.reduce(model, 'fips', budget=0.25, group_size=1)
+    x = images(model)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend='eager')
+        compiled(x)
+        out = compiled(x)
+    graphs = counters['stats']['unique_graphs']
+    torch._dynamo.reset()
+    return graphs, out, expected
+
+
+def test_torch_compile_does_not_specialise_per_layer():
+    """Compiled for inference, a FiPS model matches eager, and the number of compiled graphs does not grow with depth
+    (the eval cache's key holds data pointers: traced, it made dynamo recompile for every layer until its limit)."""
+    graphs_2, out, expected = _compiled_graphs(2)
+    graphs_4, _, _ = _compiled_graphs(4)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert graphs_4 == graphs_2

@@ -170,7 +170,10 @@ class FipsLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if not self.training and not needs_grad:
-            return F.linear(x, self.cached_weight(), self.bias)
+            # under torch.compile the cache lookup runs eagerly (one graph break): traced, its key would specialise
+            # the graph to every layer's data pointers and recompile per layer
+            weight = _cached_weight_eagerly(self) if torch.compiler.is_compiling() else self.cached_weight()
+            return F.linear(x, weight, self.bias)
         if self._low_rank_cheaper(x):
             u, v = self.basis.weight, self.scaled_factor()
             if self.transposed:  # x (.., d) -> x U (.., r) -> x U V (.., w)
@@ -244,3 +247,8 @@ class FipsLinear(nn.Module):
         return (f'in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, '
                 f'bias={self.bias is not None}, scale={self.scale is not None}, '
                 f'{"transposed" if self.transposed else "direct"}')
+
+
+@torch.compiler.disable
+def _cached_weight_eagerly(layer: FipsLinear) -> torch.Tensor:
+    return layer.cached_weight()
