@@ -129,6 +129,23 @@ def matmul_roof(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return median_spread(rates)
 
 
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (e.g. VmRSS, VmHWM)."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1])
+    raise RuntimeError(f'/proc/self/status has no {field}')
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so a later VmHWM is the peak since now; False if not allowed."""
+    try:
+        Path('/proc/self/clear_refs').write_text('5')
+        return True
+    except OSError:
+        return False
+
+
 def stored_mlp_params(info: dict[str, Any]) -> int:
     """MLP parameters actually stored: `summary()['mlp_params']` minus the masked-out entries of sparse factors."""
     masked = sum(math.prod(r['shape']) - r['stored_params'] for r in info.get('layers', [])

@@ -37,6 +37,8 @@ from timm_reduce.discovery import find_mlp_sites
 from timm_reduce.registry import register_strategy
 from timm_reduce.summary import model_input_size
 
+from common import reset_peak_rss, status_kib
+
 RESULTS = Path(__file__).parent / 'results'
 
 
@@ -236,21 +238,6 @@ def matmul_roof(size: int = 1024, repeats: int = 5) -> float:
     return statistics.median(rates)
 
 
-def _status_kib(field: str) -> int:
-    for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith(field + ':'):
-            return int(line.split()[1])
-    return -1
-
-
-def reset_peak_rss() -> bool:
-    try:
-        Path('/proc/self/clear_refs').write_text('5')
-        return True
-    except OSError:
-        return False
-
-
 # -------------------------------------------------------------------------------------------------- main
 _WEIGHTS: dict[str, torch.Tensor] = {}
 
@@ -320,14 +307,14 @@ def run(args: argparse.Namespace) -> None:
                 print(f'{method:<18} {budget:>5.0%} top1 {acc:6.2f}% without calibration', flush=True)
                 continue
             roof_before = matmul_roof()
-            rss_before = _status_kib('VmRSS')
+            rss_before = status_kib('VmRSS')
             peak_ok = reset_peak_rss()
             tic = time.perf_counter()
             timm_reduce.compress(model, strategy, data=calib, epochs=args.epochs, batches=args.calib_batches,
                                  lr=args.lr, seed=args.seed, cache=args.cache, count_flops=True, evaluate=False,
                                  **options)
             seconds = time.perf_counter() - tic
-            peak = (_status_kib('VmHWM') - rss_before) * 1024 if peak_ok else None
+            peak = (status_kib('VmHWM') - rss_before) * 1024 if peak_ok else None
             roof = statistics.median([roof_before, matmul_roof()])
             report = calibration_report(model)
             epoch_time = statistics.median(report.epoch_time)
@@ -408,12 +395,12 @@ def probe_memory(args: argparse.Namespace) -> None:
     # warm-up on one batch: library code pages and kernel caches touched once are not calibration memory
     timm_reduce.compress(load_model(args.model_dir, args.weights), strategy, data=calib[:1], epochs=1, batches=1,
                          cache=args.cache, evaluate=False, **options)
-    rss = _status_kib('VmRSS')
+    rss = status_kib('VmRSS')
     if not reset_peak_rss():
         raise SystemExit('cannot reset the peak RSS (/proc/self/clear_refs)')
     timm_reduce.compress(model, strategy, data=calib, epochs=1, batches=args.calib_batches, lr=args.lr,
                          cache=args.cache, evaluate=False, **options)
-    peak = (_status_kib('VmHWM') - rss) * 1024
+    peak = (status_kib('VmHWM') - rss) * 1024
     estimate = calibration_report(model).memory_estimate
     base = load_model(args.model_dir, args.weights)
     teacher = sum(p.numel() * p.element_size() for p in base.parameters())

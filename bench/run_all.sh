@@ -1,34 +1,38 @@
 #!/usr/bin/env bash
-# Regenerates every benchmark of this branch that fits on one 2-core CPU machine, then the plots.
+# Regenerates every benchmark that fits on one 2-core CPU machine, then the plots.
 #
-# Time (measured on 2 Xeon cores while 3-5 other sessions shared them, 1-minute load average 3-9):
-#   speed.py eager 506 s | deit_base batch 8+32 3.8 min | torch.compile 390 s | size.py 2 min | nocalib.py 1-5 min
-#   (half of it importing torch under load) | fips_init.py: not timed here (FiPS colleague's script)
-#   scratch.py 5.5 min (6 single-threaded one-epoch training runs, 2 at a time) | plots.py 10 s
-#   =>  total about 32 min plus fips_init.py.
+# Time on a quiet machine (2 Xeon cores, 1-minute load average < 1; measured 2026-11-24):
+#   speed.py eager x3 (3 separate runs, for the run-to-run spread) + deit_base x3: TIME_EAGER | torch.compile x3:
+#   TIME_COMPILE | train_scaling.py: TIME_SCALING | compress_cost.py: TIME_COST | size.py 2 min | nocalib.py 1-2 min |
+#   fips_init.py TIME_INIT | scratch.py 5.5 min (6 single-threaded one-epoch training runs, 2 at a time) | plots 10 s
+#   =>  total about TIME_TOTAL.
 # Timing steps are only meaningful on a quiet machine; their results record the load average per pass.
 #
-# Not included: the accuracy-vs-budget table (bench/compress_accuracy.py on branch calib, ~hours) and the training
-# scaling table (bench/train_scaling.py from branch train); plots.py plots compress_accuracy.json when present.
+# Not included (hours): the accuracy-vs-budget table, `bash bench/run_compress_accuracy.sh`; the benchmark model
+# itself, `bash bench/train_benchmark_model.sh`.
 #
-# Timing runs use one thread (--threads 1): with two OpenMP threads on a shared 2-core machine a deit_tiny forward
+# Speed ratios use one thread (--threads 1): with two OpenMP threads on a shared 2-core machine a deit_tiny forward
 # ran at 0.64 img/s instead of 29.8 img/s single-threaded (threads stall at every parallel region), so 2-thread
-# timings measure the neighbours, not the model.
+# timings would measure the neighbours, not the model.
 #
-# Usage: bash bench/run_all.sh [--no-scratch] [--no-init] [--only-timing]
+# Usage: bash bench/run_all.sh [--no-scratch] [--no-init] [--only-timing] [--runs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRATCH=1
 INIT=1
 ONLY_TIMING=0
-for arg in "$@"; do
+RUNS=3
+while [ $# -gt 0 ]; do
+  arg=$1; shift
   case $arg in
+    --runs) RUNS=$1; shift ;;
     --only-timing) ONLY_TIMING=1 ;;
     --no-scratch) SCRATCH=0 ;;
     --no-init) INIT=0 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
+suffix() { [ "$1" -gt 1 ] && echo "_run$1"; true; }
 
 step() {  # step NAME COMMAND...: run, and print how long it took
   local name=$1; shift
@@ -38,11 +42,25 @@ step() {  # step NAME COMMAND...: run, and print how long it took
   echo "=== $name took $((SECONDS - start)) s"
 }
 
-# timing first, while the machine is quiet
-step speed python bench/speed.py --modes eager --threads 1 --repeats 2
-step speed_base python bench/speed.py --name speed_base --shapes deit_base_patch16_224 --variants shallow native_r2 \
-  --batches 8 32 --modes eager --threads 1 --repeats 2
-step speed_compile python bench/speed.py --name speed_compile --modes compile --threads 1 --repeats 2
+# timing first, while the machine is quiet; separate runs give the run-to-run spread
+for i in $(seq 1 "$RUNS"); do
+  step "speed$(suffix "$i")" python bench/speed.py --name "speed$(suffix "$i")" --modes eager --threads 1 --repeats 2
+  step "speed_base$(suffix "$i")" python bench/speed.py --name "speed_base$(suffix "$i")" \
+    --shapes deit_base_patch16_224 --variants shallow native_r2 --batches 8 32 --modes eager --threads 1 --repeats 2
+done
+for i in $(seq 1 "$RUNS"); do
+  step "speed_compile$(suffix "$i")" python bench/speed.py --name "speed_compile$(suffix "$i")" --modes compile \
+    --threads 1 --repeats 2
+done
+if [ "$RUNS" -gt 1 ]; then
+  names() { for i in $(seq 1 "$RUNS"); do echo "$1$(suffix "$i")"; done; }
+  step speed_spread python bench/speed_spread.py --name speed_spread $(names speed)
+  step speed_base_spread python bench/speed_spread.py --name speed_base_spread $(names speed_base)
+  step speed_compile_spread python bench/speed_spread.py --name speed_compile_spread $(names speed_compile)
+fi
+step train_scaling python bench/train_scaling.py "${CIFAR10_DIR:-../shared/data/cifar10}" --train-split train.tar \
+  --steps 20 --repeats 3
+step compress_cost python bench/compress_cost.py
 [ "$ONLY_TIMING" = 1 ] && exit 0
 step size python bench/size.py
 step nocalib python bench/nocalib.py
