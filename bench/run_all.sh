@@ -2,10 +2,10 @@
 # Regenerates every benchmark that fits on one 2-core CPU machine, then the plots.
 #
 # Time on a quiet machine (2 Xeon cores, 1-minute load average < 1; measured 2026-11-24):
-#   speed.py eager x3 (3 separate runs, for the run-to-run spread) + deit_base x3: TIME_EAGER | torch.compile x3:
-#   TIME_COMPILE | train_scaling.py: TIME_SCALING | compress_cost.py: TIME_COST | size.py 2 min | nocalib.py 1-2 min |
-#   fips_init.py TIME_INIT | scratch.py 5.5 min (6 single-threaded one-epoch training runs, 2 at a time) | plots 10 s
-#   =>  total about TIME_TOTAL.
+#   speed.py eager 8 min + deit_base 3.7 min, x3 (separate runs, for the run-to-run spread) | torch.compile 5 min x3 |
+#   train_scaling.py 1.5 min | compress_cost.py 7.5 min | size.py 2 min | nocalib.py 1-2 min | fips_init.py 1 min |
+#   scratch.py 5.5 min (6 single-threaded one-epoch training runs, 2 at a time) | plots 10 s
+#   =>  total about 70 min; `--runs 1` about 35 min (no spread tables).
 # Timing steps are only meaningful on a quiet machine; their results record the load average per pass.
 #
 # Not included (hours): the accuracy-vs-budget table, `bash bench/run_compress_accuracy.sh`; the benchmark model
