@@ -29,7 +29,7 @@ from torch import nn
 from . import __version__
 from .card import CARD_NAME, is_generated_card, render_model_card
 from .errors import HubError, ReduceError
-from .serialization import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
+from .serialization import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained
 
 __all__ = ['push_to_hub', 'push_folder', 'check_repo_id', 'load_folder']
 
@@ -78,24 +78,8 @@ def load_folder(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     Raises:
         ReduceError: the folder is not a saved model, or its weights do not fit its config.
     """
-    import timm
-
-    folder = Path(folder)
-    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
-    if missing:
-        raise ReduceError(f'{folder} is not a saved model folder: {", ".join(missing)} missing '
-                          '(write one with timm_reduce.save_pretrained or `timm-reduce compress`).')
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReduceError(f'{folder / CONFIG_NAME} is not valid JSON: {e}') from e
-    try:
-        model = timm.create_model(f'local-dir:{folder}', pretrained=True)
-    except ReduceError:
-        raise
-    except Exception as e:  # timm's own loader: strict load errors, unknown architectures
-        raise ReduceError(f'{folder} does not load as a timm model: {type(e).__name__}: {e}') from e
-    return model.eval(), config
+    model = load_pretrained(folder)
+    return model.eval(), json.loads((Path(folder) / CONFIG_NAME).read_text())
 
 
 def _max_output_diff(reference: nn.Module, loaded: nn.Module) -> float:

@@ -30,7 +30,7 @@ from .record import ReductionRecord, base_name, get_record
 from .sharing import alias_map, count_unique
 
 __all__ = ['save_pretrained', 'encode_state', 'decode_state', 'load_reduced_state', 'plain_model_args',
-           'read_weights', 'safe_torch_load', 'WEIGHTS_NAME', 'CONFIG_NAME']
+           'read_weights', 'safe_torch_load', 'load_pretrained', 'WEIGHTS_NAME', 'CONFIG_NAME']
 
 _logger = logging.getLogger(__name__)
 
@@ -138,6 +138,45 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if state and all(k.startswith('module.') for k in state):
         state = {k[len('module.'):]: v for k, v in state.items()}
     return state
+
+
+def load_pretrained(source: str | os.PathLike, **model_kwargs: Any) -> nn.Module:
+    """The model `save_pretrained` wrote: a folder, a `local-dir:` path or an `hf-hub:` repo id.
+
+    The same model as `timm.create_model('local-dir:FOLDER', pretrained=True, **model_kwargs)` (shared tensors
+    re-tied, sparse factors decoded), with errors that say what is wrong with the folder.
+
+    Raises:
+        ReduceError: no such folder, config.json or model.safetensors missing, config.json not JSON, or weights that
+            do not fit the architecture the config describes.
+    """
+    import timm
+
+    text = str(source)
+    if text.startswith('hf-hub:'):
+        name = text
+    else:
+        folder = Path(text[len('local-dir:'):] if text.startswith('local-dir:') else text)
+        if not folder.is_dir():
+            what = 'is a file' if folder.exists() else 'does not exist'
+            raise ReduceError(f'{folder} is not a saved model folder: it {what}. Expected a folder written by '
+                              'timm_reduce.save_pretrained (config.json + model.safetensors), a local-dir: path or '
+                              'an hf-hub: id.')
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+        if missing:
+            raise ReduceError(f'{folder} is not a saved model folder: {", ".join(missing)} missing (write one with '
+                              'timm_reduce.save_pretrained or `timm-reduce compress`).')
+        try:
+            json.loads((folder / CONFIG_NAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ReduceError(f'{folder / CONFIG_NAME} is not valid JSON: {e}') from e
+        name = f'local-dir:{folder.resolve()}'
+    try:
+        return timm.create_model(name, pretrained=True, **model_kwargs)
+    except ReduceError:
+        raise
+    except Exception as e:  # timm's own loader: strict load errors, unknown architectures, Hub errors
+        raise ReduceError(f'{text} does not load as a timm model: {type(e).__name__}: {e}') from e
 
 
 def _clean_args(args: dict[str, Any]) -> dict[str, Any]:

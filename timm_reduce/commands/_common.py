@@ -36,25 +36,37 @@ def is_saved_folder(source: str) -> bool:
     return os.path.isdir(source) and os.path.isfile(os.path.join(source, 'config.json'))
 
 
-def load_model(source: str, pretrained: bool = False, checkpoint: str | None = None,
+def load_model(source: str | None, pretrained: bool = False, checkpoint: str | None = None,
                model_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """A model from a timm name, a save_pretrained folder or a `local-dir:`/`hf-hub:` id, plus optional weights."""
+    """The model of a subcommand: a timm name, a save_pretrained folder or a `local-dir:`/`hf-hub:` id, plus
+    optional weights (`checkpoint`: a weights file or a saved folder). With `source=None`, `checkpoint` must be a
+    saved folder, which then is the model.
+    """
     import timm
 
-    from ..serialization import load_reduced_state, read_weights
+    from ..serialization import load_pretrained, load_reduced_state, read_weights
 
-    model_kwargs = model_kwargs or {}
-    if is_saved_folder(source):
-        model = timm.create_model(f'local-dir:{source}', pretrained=True, **model_kwargs)
-    elif source.startswith(('local-dir:', 'hf-hub:')):
-        model = timm.create_model(source, pretrained=True, **model_kwargs)
+    kwargs = model_kwargs or {}
+    if pretrained and checkpoint:
+        raise ReduceError('Use either --pretrained (timm weights) or --checkpoint PATH, not both.')
+    if source is None:
+        if checkpoint and is_saved_folder(checkpoint):
+            return load_pretrained(checkpoint, **kwargs)
+        if checkpoint and os.path.isfile(checkpoint):
+            raise ReduceError(f'--checkpoint {checkpoint} is a weights file: give --model NAME to build the '
+                              'architecture it fits.')
+        if checkpoint:
+            raise ReduceError(f'--checkpoint {checkpoint} is neither a weights file nor a folder written by '
+                              'save_pretrained (config.json + model.safetensors).')
+        raise ReduceError('Give --model NAME (with --pretrained or --checkpoint) or --checkpoint FOLDER.')
+    if is_saved_folder(source) or source.startswith(('local-dir:', 'hf-hub:')):
+        model = load_pretrained(source, **kwargs)
     elif os.path.exists(source):
         raise ReduceError(f'{source} is not a folder written by save_pretrained (no config.json in it).')
     else:
         if not timm.is_model(source):
             raise ReduceError(f'Unknown timm model {source!r} (see timm.list_models()).')
-        model = timm.create_model(source, pretrained=pretrained, **model_kwargs)
+        model = timm.create_model(source, pretrained=pretrained, **kwargs)
     if checkpoint:
-        state = read_weights(checkpoint)
-        load_reduced_state(model, state, checkpoint)
+        load_reduced_state(model, read_weights(checkpoint), checkpoint)
     return model

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ReduceError
-from ._common import parse_kv
+from ._common import load_model, parse_kv
 
 # CLI flags that are options of some strategies only: flag attribute -> option name
 _STRATEGY_FLAGS = {'budget': 'budget', 'sparsity': 'sparsity', 'group_size': 'group_size', 'sparsifier': 'sparsifier'}
@@ -54,35 +54,6 @@ def add_parser(subparsers: Any) -> None:
     cal.add_argument('--no-progress', action='store_true', help='no progress bars')
     p.add_argument('--output', required=True, help='folder for the compressed model (save_pretrained format)')
     p.set_defaults(func=run)
-
-
-def _load_model(args: argparse.Namespace, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
-
-    from ..serialization import read_weights
-
-    if args.checkpoint and args.pretrained:
-        raise ReduceError('Use either --pretrained (timm weights) or --checkpoint PATH, not both.')
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        if not path.exists():
-            raise ReduceError(f'--checkpoint {path} does not exist.')
-        if path.is_dir():
-            if not (path / 'config.json').is_file():
-                raise ReduceError(f'--checkpoint {path} is a folder without config.json; give a save_pretrained '
-                                  f'folder or a weights file.')
-            return timm.create_model(f'local-dir:{path.resolve()}', pretrained=True, **kwargs)
-        if not args.model:
-            raise ReduceError('--checkpoint with a weights file needs --model NAME to build the architecture.')
-        model = timm.create_model(args.model, pretrained=False, **kwargs)
-        try:
-            model.load_state_dict(read_weights(path), strict=True)
-        except RuntimeError as e:
-            raise ReduceError(f'--checkpoint {path} does not fit {args.model} with {kwargs}: {e}') from e
-        return model
-    if not args.model:
-        raise ReduceError('Give --model NAME (with --pretrained or --checkpoint) or --checkpoint FOLDER.')
-    return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
 
 
 def _loader(model: nn.Module, args: argparse.Namespace) -> torch.utils.data.DataLoader:
@@ -149,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     rank, world = _init_distributed(device)
     if device == 'cuda' and world > 1:
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
-    model = _load_model(args, parse_kv(args.model_kwargs, '--model-kwargs item')).to(device)
+    model = load_model(args.model, args.pretrained, args.checkpoint,
+                       parse_kv(args.model_kwargs, '--model-kwargs item')).to(device)
     loader = _loader(model, args)
     before = summary(model, macs=False)
     tic = time.perf_counter()
