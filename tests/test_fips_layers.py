@@ -141,10 +141,16 @@ def _compiled_graphs(depth: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     return graphs, out, expected
 
 
-def test_torch_compile_does_not_specialise_per_layer():
+def test_torch_compile_does_not_specialise_per_layer(caplog):
     """Compiled for inference, a FiPS model matches eager, and the number of compiled graphs does not grow with depth
     (the eval cache's key holds data pointers: traced, it made dynamo recompile for every layer until its limit)."""
+    from timm_reduce.fips.layers import _compile_hint
+
+    _compile_hint.cache_clear()
     graphs_2, out, expected = _compiled_graphs(2)
     graphs_4, _, _ = _compiled_graphs(4)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     assert graphs_4 == graphs_2
+    # the user is told once how to get full compiled speed
+    hints = [r for r in caplog.records if 'materialize(model)' in r.getMessage()]
+    assert len(hints) == 1 and hints[0].levelname == 'WARNING'

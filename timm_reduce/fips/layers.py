@@ -9,11 +9,15 @@ de-duplicated tensors, as for `grouped`).
 """
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ['FipsBasis', 'FipsLinear', 'pack_bits', 'unpack_bits']
 
@@ -249,6 +253,14 @@ class FipsLinear(nn.Module):
                 f'{"transposed" if self.transposed else "direct"}')
 
 
+@functools.cache
+def _compile_hint() -> None:
+    _logger.warning('torch.compile of a FiPS model: every FipsLinear reads its cached eval weight outside the compiled '
+                    'graph (one graph break per layer), so it runs slower than the compiled original. For compiled '
+                    'inference, compile timm_reduce.materialize(model): plain timm layers, same outputs.')
+
+
 @torch.compiler.disable
 def _cached_weight_eagerly(layer: FipsLinear) -> torch.Tensor:
+    _compile_hint()
     return layer.cached_weight()
