@@ -36,6 +36,7 @@ def _same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_load_pretrained_equals_timm_local_dir_for_every_spelling(saved):
     model, folder = saved
     reference = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert timm_reduce.load_pretrained is load_pretrained
     for source in (folder, str(folder), f'local-dir:{folder}'):
         loaded = load_pretrained(source)
         _same_outputs(loaded, reference)

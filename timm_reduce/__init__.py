@@ -8,7 +8,7 @@ from .discovery import MlpSite, find_mlp_sites
 from .sharing import unique_parameters
 from .record import get_record
 from .api import materialize, reduce
-from .serialization import save_pretrained
+from .serialization import load_pretrained, save_pretrained
 from .hub import push_to_hub
 from .summary import format_summary, summary
 from .calibrate import CalibrationConfig, CalibrationReport, calibrate, calibration_report, compress
@@ -18,6 +18,6 @@ from . import entrypoint  # noqa: F401  (registers the `timm_reduce` timm model)
 __all__ = [
     'CalibrationConfig', 'CalibrationReport', 'HubError', 'MlpSite', 'ReduceError', 'ReduceSpec', 'Strategy',
     'UnsupportedModelError', 'calibrate', 'calibration_report', 'compress', 'find_mlp_sites', 'format_summary',
-    'get_record', 'get_strategy', 'list_strategies', 'materialize', 'push_to_hub', 'reduce', 'register_strategy',
-    'save_pretrained', 'summary', 'unique_parameters',
+    'get_record', 'get_strategy', 'list_strategies', 'load_pretrained', 'materialize', 'push_to_hub', 'reduce',
+    'register_strategy', 'save_pretrained', 'summary', 'unique_parameters',
 ]
