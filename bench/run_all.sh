@@ -3,9 +3,10 @@
 #
 # Time on a quiet machine (2 Xeon cores, 1-minute load average < 1; measured 2026-11-24):
 #   speed.py eager 8 min + deit_base 3.7 min, x3 (separate runs, for the run-to-run spread) | torch.compile 5 min x3 |
-#   train_scaling.py 1.5 min | compress_cost.py 7.5 min | size.py 2 min | nocalib.py 1-2 min | fips_init.py 1 min |
+#   FiPS compiled vs materialize() 3 min | train_scaling.py 1.5 min | compress_cost.py 7.5 min | size.py 2 min |
+#   nocalib.py 1-2 min | fips_init.py 2 x 0.7 min |
 #   scratch.py 5.5 min (6 single-threaded one-epoch training runs, 2 at a time) | plots 10 s
-#   =>  total about 70 min; `--runs 1` about 35 min (no spread tables).
+#   =>  total about 75 min (the sum of the steps' measured times); `--runs 1` about 40 min (no spread tables).
 # Timing steps are only meaningful on a quiet machine; their results record the load average per pass.
 #
 # Not included (hours): the accuracy-vs-budget table, `bash bench/run_compress_accuracy.sh`; the benchmark model
@@ -52,6 +53,8 @@ for i in $(seq 1 "$RUNS"); do
   step "speed_compile$(suffix "$i")" python bench/speed.py --name "speed_compile$(suffix "$i")" --modes compile \
     --threads 1 --repeats 2
 done
+step speed_compile_fips python bench/speed.py --name speed_compile_fips --modes compile --variants fips_mat \
+  --compile-variants fips fips_mat --threads 1 --repeats 2
 if [ "$RUNS" -gt 1 ]; then
   names() { for i in $(seq 1 "$RUNS"); do echo "$1$(suffix "$i")"; done; }
   step speed_spread python bench/speed_spread.py --name speed_spread $(names speed)
@@ -64,8 +67,9 @@ step compress_cost python bench/compress_cost.py
 [ "$ONLY_TIMING" = 1 ] && exit 0
 step size python bench/size.py
 step nocalib python bench/nocalib.py
-if [ "$INIT" = 1 ] && [ -f bench/fips_init.py ]; then  # the FiPS colleague's script (branch fips)
+if [ "$INIT" = 1 ]; then
   step fips_init python bench/fips_init.py
+  step fips_init_1thread python bench/fips_init.py --threads 1 --output bench/results/fips_init_1thread.json
 fi
 if [ "$SCRATCH" = 1 ]; then
   step scratch python bench/scratch.py --name scratch_epoch --patch 8 --dim 128 --heads 4 --epochs 1 \
