@@ -471,3 +471,19 @@ def test_reduce_twice_is_refused() -> None:
     model = reduce(tiny_vit(), 'morphreuse', variant='core', core_dim=8)
     with pytest.raises(ReduceError, match='already reduced by morphreuse'):
         reduce(model, 'morphreuse', variant='core', core_dim=8)
+
+
+@pytest.mark.parametrize('scale', ['scalar', 'channel'])
+def test_summary_counts_the_shared_bank_once_per_use(scale):
+    """`params` is what the forward pass computes with: every block uses a full-size (W, b), whether its layer owns
+    the bank or only references it, so the count is the original's plus the per-layer scales (closed form)."""
+    original = tiny_vit()
+    model = reduce(tiny_vit(), f'morphreuse:variant=shape,scale={scale}')
+    depth, dim, hidden = len(original.blocks), original.embed_dim, original.blocks[0].mlp.fc1.out_features
+    scales = depth * (2 if scale == 'scalar' else hidden + dim)
+    info = summary(model, macs=False)
+    assert info['params'] == summary(original, macs=False)['params'] + scales
+    assert info['unique_params'] < info['params']  # the bank is stored once
+    per_block = [b['params'] for b in info['blocks']]
+    assert per_block == [per_block[0]] * depth  # owner and referencing blocks alike
+    assert per_block[0] == 2 * dim * hidden + hidden + dim + scales // depth

@@ -55,6 +55,19 @@ def stored_params(model: nn.Module) -> int:
     return sum(counts.values())
 
 
+def params_per_use(module: nn.Module) -> int:
+    """Parameters `module`'s forward pass computes with, a shared tensor counted once per use: every registered
+    parameter (duplicates kept) plus the shared tensors a layer only references (MorphReuse users other than the
+    bank's owner)."""
+    from .morphreuse_layers import _SharedUser
+
+    count = sum(p.numel() for _, p in module.named_parameters(remove_duplicate=False))
+    for _, m in module.named_modules(remove_duplicate=False):
+        if isinstance(m, _SharedUser) and not m.is_owner:
+            count += sum(p.numel() for p in m.shared_parameters())
+    return count
+
+
 def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, macs: bool = True) -> dict[str, Any]:
     """Size and cost of a (reduced) timm model.
 
@@ -71,7 +84,7 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, macs: b
             sparsity, stored params, bytes), each with its `path`.
     """
     record = get_record(model)
-    params = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    params = params_per_use(model)
     sites = find_mlp_sites(model)
     owner: dict[int, int] = {}
     blocks = []
@@ -84,7 +97,7 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, macs: b
             'kind': mlp_kind(mlp),
             'type': type(mlp).__name__,
             'hidden': mlp.fc2.in_features,
-            'params': sum(p.numel() for p in mlp.parameters()),
+            'params': params_per_use(mlp),
             'shared_with': group if group != site.index else None,
         })
     mlp_now = mlp_unique_params(model)
