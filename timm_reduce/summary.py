@@ -8,6 +8,7 @@ from torch import nn
 
 from .api import mlp_unique_params
 from .discovery import find_mlp_sites, mlp_kind
+from .morphreuse_layers import _SharedUser
 from .record import base_name, get_record
 from .serialization import encode_state
 from .sharing import count_unique
@@ -59,8 +60,6 @@ def params_per_use(module: nn.Module) -> int:
     """Parameters `module`'s forward pass computes with, a shared tensor counted once per use: every registered
     parameter (duplicates kept) plus the shared tensors a layer only references (MorphReuse users other than the
     bank's owner)."""
-    from .morphreuse_layers import _SharedUser
-
     count = sum(p.numel() for _, p in module.named_parameters(remove_duplicate=False))
     for _, m in module.named_modules(remove_duplicate=False):
         if isinstance(m, _SharedUser) and not m.is_owner:
