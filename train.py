@@ -43,11 +43,11 @@ from timm.utils import (
     AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad, random_seed,
     reduce_tensor, setup_default_logging, update_summary,
 )
-from timm_reduce.entrypoint import build_reduced
+from timm_reduce.persistence.entrypoint import build_reduced
 from timm_reduce.errors import ReduceError
-from timm_reduce.serialization import load_reduced_state
+from timm_reduce.persistence.serialization import load_reduced_state
 from timm_reduce.summary import model_input_size
-from timm_reduce.hooks import RecipeHooks, recipe_hooks
+from timm_reduce.core.hooks import RecipeHooks, recipe_hooks
 from timm_reduce.training import (
     DistInfo, SharedEma, checkpoint_recipe, checkpoint_state, init_distributed, load_training_checkpoint,
     param_report, patch_timm_posterize, read_model_weights, recipe_from_flags, recipe_to_text,

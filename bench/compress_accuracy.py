@@ -32,9 +32,9 @@ from torch import nn
 import timm
 import timm.data
 import timm_reduce
-from timm_reduce.calibrate import calibration_report
-from timm_reduce.discovery import find_mlp_sites
-from timm_reduce.registry import register_strategy
+from timm_reduce.calibration import calibration_report
+from timm_reduce.core.discovery import find_mlp_sites
+from timm_reduce.core.registry import register_strategy
 from timm_reduce.summary import model_input_size
 
 from common import reset_peak_rss, status_kib
@@ -167,7 +167,7 @@ MLP_HIDDEN = 512  # the benchmark ViT's MLP hidden width (embed dim 128, mlp_rat
 
 def stored_mlp_weights(model: nn.Module) -> int:
     """Stored MLP weight parameters: non-zeros of masked weights, all entries of the others; shared tensors once."""
-    from timm_reduce.sharing import tensor_identity
+    from timm_reduce.core.sharing import tensor_identity
 
     counts: dict[tuple, int] = {}
     for site in find_mlp_sites(model):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from timm_reduce.spec import parse_recipe
+from timm_reduce.core.spec import parse_recipe
 from timm_reduce.training import load_training_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import timm_reduce  # noqa: E402
-from timm_reduce.fips import fips_layers  # noqa: E402
-from timm_reduce.serialization import encode_state  # noqa: E402
+from timm_reduce.strategies.fips import fips_layers  # noqa: E402
+from timm_reduce.persistence.encoding import encode_state  # noqa: E402
 
 MODELS = ('deit_small_patch16_224', 'deit_base_patch16_224')
 

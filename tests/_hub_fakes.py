@@ -241,8 +241,8 @@ class FakeHfApi:
 
 @pytest.fixture
 def fake_hub(offline: None, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
-    """A FakeHub patched in where timm_reduce.hub creates its HfApi, with HF_TOKEN set."""
+    """A FakeHub patched in where timm_reduce.persistence.hub creates its HfApi, with HF_TOKEN set."""
     hub = FakeHub()
-    monkeypatch.setattr(timm_reduce.hub, 'HfApi', hub.api)
+    monkeypatch.setattr(timm_reduce.persistence.hub, 'HfApi', hub.api)
     monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
     return hub

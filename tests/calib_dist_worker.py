@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import timm_reduce
-from timm_reduce.spec import parse_value
+from timm_reduce.core.spec import parse_value
 
 from calib_helpers import image_batches, tiny_vit
 

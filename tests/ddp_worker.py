@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import setup_default_logging
 
-from timm_reduce.sharing import alias_map
+from timm_reduce.core.sharing import alias_map
 from timm_reduce.training import init_distributed
 from train_utils import load_train_module
 

@@ -8,7 +8,7 @@ import torch
 
 import timm_reduce
 from timm_reduce import ReduceError
-from timm_reduce.calibrate import CalibrationConfig, calibrate, calibration_report, compress, estimate_memory
+from timm_reduce.calibration import CalibrationConfig, calibrate, calibration_report, compress, estimate_memory
 
 from calib_helpers import block_errors, image_batches, tiny_swin, tiny_vit
 
@@ -231,7 +231,7 @@ FIPS = dict(budget=0.5, sparsity=0.5, group_size=2)
 
 
 def _factors(model):
-    from timm_reduce.fips.sparsity import fips_layers
+    from timm_reduce.strategies.fips.sparsity import fips_layers
 
     return fips_layers(model)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import timm_reduce
-from timm_reduce.spec import parse_value
+from timm_reduce.core.spec import parse_value
 
 from calib_helpers import tiny_vit
 
@@ -50,7 +50,7 @@ def test_two_ranks_split_batches_and_stay_identical(tmp_path, strategy, options)
 
 def test_rank_disagreement_raises(monkeypatch):
     from timm_reduce import ReduceError
-    from timm_reduce.calibrate import _check_identical
+    from timm_reduce.calibration.distributed import check_identical
 
     def fake_all_gather(out, mine):  # rank 1 reports another hash
         out[0].copy_(mine)
@@ -59,4 +59,4 @@ def test_rank_disagreement_raises(monkeypatch):
     monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
     monkeypatch.setattr(torch.distributed, 'all_gather', fake_all_gather)
     with pytest.raises(ReduceError, match='sparsity masks differ between ranks'):
-        _check_identical('sparsity masks', 1234)
+        check_identical('sparsity masks', 1234)

@@ -3,7 +3,7 @@ import timm
 
 import timm_reduce
 from timm_reduce import UnsupportedModelError, find_mlp_sites
-from timm_reduce.discovery import mlp_kind, resolve_groups
+from timm_reduce.core.discovery import mlp_kind, resolve_groups
 from timm_reduce.errors import ReduceError
 
 from conftest import TINY, tiny

@@ -12,7 +12,7 @@ import torch
 import timm_reduce
 from timm_reduce import cli
 from timm_reduce.errors import ReduceError
-from timm_reduce.export import export_model
+from timm_reduce.persistence.export import export_model
 
 from _hub_fakes import example_ids, get_example, reduced_example, sample_input
 
@@ -61,7 +61,7 @@ def test_cli_export_reports_the_difference(fmt: str, name: str, tmp_path: Path, 
 
 
 def test_failed_check_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import timm_reduce.export as export
+    import timm_reduce.persistence.export as export
 
     real = export._run_onnx
     monkeypatch.setattr(export, '_run_onnx', lambda path, x: real(path, x) + 1e-2)  # a runtime that computes wrong

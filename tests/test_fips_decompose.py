@@ -11,7 +11,7 @@ from timm.layers import SwiGLU
 
 import timm_reduce
 from timm_reduce import ReduceError
-from timm_reduce.fips import FipsLinear, decompose_group, fips_layers, rank_for_budget
+from timm_reduce.strategies.fips import FipsLinear, decompose_group, fips_layers, rank_for_budget
 
 from fips_utils import images, mlp_linears, tiny_eva, tiny_swin, tiny_vit
 
@@ -135,8 +135,8 @@ def test_gated_mlps_decompose_exactly_at_full_rank(make):
     assert all(m.rank > 32 for m in layers.values())
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)
-    assert timm_reduce.discovery.mlp_kind(model.blocks[0].mlp) in ('glu', 'swiglu')
-    assert timm_reduce.hidden_units.hidden_units(model.blocks[0].mlp) == before['blocks.0.mlp.fc2'].shape[1]
+    assert timm_reduce.core.discovery.mlp_kind(model.blocks[0].mlp) in ('glu', 'swiglu')
+    assert timm_reduce.core.hidden_units.hidden_units(model.blocks[0].mlp) == before['blocks.0.mlp.fc2'].shape[1]
 
 
 @pytest.mark.parametrize('options,match', [
@@ -183,4 +183,4 @@ def test_fips_layers_are_drop_in():
     fc1, fc2 = model.blocks[1].mlp.fc1, model.blocks[1].mlp.fc2
     assert isinstance(fc1, FipsLinear) and (fc1.in_features, fc1.out_features) == (32, 128)
     assert (fc2.in_features, fc2.out_features) == (128, 32) and fc2.weight.shape == (32, 128)
-    assert timm_reduce.discovery.mlp_kind(model.blocks[1].mlp) == 'mlp'
+    assert timm_reduce.core.discovery.mlp_kind(model.blocks[1].mlp) == 'mlp'

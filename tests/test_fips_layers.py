@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import timm_reduce
-from timm_reduce.fips import FipsLinear, fips_layers
+from timm_reduce.strategies.fips import FipsLinear, fips_layers
 
 from fips_utils import images, tiny_eva, tiny_vit
 
@@ -144,7 +144,7 @@ def _compiled_graphs(depth: int) -> tuple[int, torch.Tensor, torch.Tensor]:
 def test_torch_compile_does_not_specialise_per_layer(caplog):
     """Compiled for inference, a FiPS model matches eager, and the number of compiled graphs does not grow with depth
     (the eval cache's key holds data pointers: traced, it made dynamo recompile for every layer until its limit)."""
-    from timm_reduce.fips.layers import _compile_hint
+    from timm_reduce.strategies.fips.layers import _compile_hint
 
     _compile_hint.cache_clear()
     graphs_2, out, expected = _compiled_graphs(2)

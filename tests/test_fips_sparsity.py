@@ -8,8 +8,8 @@ import torch
 
 import timm_reduce
 from timm_reduce import get_strategy
-from timm_reduce.fips import fips_layers, gmp_sparsity, prune, rigl_drop_fraction, select_top
-from timm_reduce.fips.sparsity import keep_count, magnitude_keys
+from timm_reduce.strategies.fips import fips_layers, gmp_sparsity, prune, rigl_drop_fraction, select_top
+from timm_reduce.strategies.fips.sparsity import keep_count, magnitude_keys
 
 from fips_utils import images, tiny_vit
 

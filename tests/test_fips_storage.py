@@ -10,7 +10,7 @@ import timm
 import torch
 
 import timm_reduce
-from timm_reduce.fips import fips_layers, pack_bits, unpack_bits
+from timm_reduce.strategies.fips import fips_layers, pack_bits, unpack_bits
 
 from fips_utils import images, tiny_swin, tiny_vit
 

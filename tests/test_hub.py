@@ -363,7 +363,7 @@ def test_network_failure_mid_upload_commits_nothing_and_keeps_local_files(fake_h
     before = _digest(folder)
     fake_hub.fail_commit = httpx.ConnectError('connection reset by peer')
     with pytest.raises(HubError, match='Nothing partial was committed') as err:
-        timm_reduce.hub.push_folder(folder, 'me/tiny')
+        timm_reduce.persistence.hub.push_folder(folder, 'me/tiny')
     assert 'ConnectError' in str(err.value) and 'local files are unchanged' in str(err.value)
     assert fake_hub.tree('me/tiny') == good and len(fake_hub.repos['me/tiny'].branches['main']) == 1
     assert _digest(folder) == before
@@ -377,12 +377,12 @@ def test_network_failure_mid_upload_commits_nothing_and_keeps_local_files(fake_h
 
 def test_push_folder_refuses_a_folder_that_does_not_load(fake_hub: FakeHub, tmp_path: Path) -> None:
     with pytest.raises(ReduceError, match='config.json, model.safetensors missing'):
-        timm_reduce.hub.push_folder(tmp_path, 'me/tiny')
+        timm_reduce.persistence.hub.push_folder(tmp_path, 'me/tiny')
     folder = timm_reduce.save_pretrained(reduced_example('grouped'), tmp_path / 'out')
     other = timm_reduce.save_pretrained(reduced_example('shallow'), tmp_path / 'other')
     (folder / 'model.safetensors').write_bytes((other / 'model.safetensors').read_bytes())  # wrong weights
     with pytest.raises(ReduceError, match='do not match|do not fit|does not load'):
-        timm_reduce.hub.push_folder(folder, 'me/tiny')
+        timm_reduce.persistence.hub.push_folder(folder, 'me/tiny')
     assert fake_hub.calls == []
 
 

@@ -10,9 +10,9 @@ import torch
 
 import timm_reduce
 from timm_reduce.cli import main
-from timm_reduce.commands._common import load_model
+from timm_reduce.cli._common import load_model
 from timm_reduce.errors import ReduceError
-from timm_reduce.serialization import load_pretrained
+from timm_reduce.persistence.serialization import load_pretrained
 
 from calib_helpers import tiny_vit
 

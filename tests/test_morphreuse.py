@@ -13,10 +13,10 @@ from torch import nn
 
 import timm_reduce
 from timm_reduce import ReduceError, materialize, reduce, save_pretrained, summary
-from timm_reduce.api import mlp_unique_params
-from timm_reduce.morphreuse_layers import MorphCoreMlp, MorphLinear, SharedCore, SharedLinear
-from timm_reduce.sharing import count_unique
-from timm_reduce.strategies.morphreuse import lstsq_scale
+from timm_reduce.core.api import mlp_unique_params
+from timm_reduce.strategies.morphreuse.layers import MorphCoreMlp, MorphLinear, SharedCore, SharedLinear
+from timm_reduce.core.sharing import count_unique
+from timm_reduce.strategies.morphreuse.strategy import lstsq_scale
 
 # ViT-B/16 (algorithms.md): d = 768, h = 3072, 12 blocks; everything outside the MLPs.
 VIT_B_NON_MLP = 86_567_656 - 56_669_184

@@ -11,7 +11,7 @@ import torch
 
 import timm_reduce
 from timm_reduce import ReduceError, find_mlp_sites
-from timm_reduce.sharing import alias_map, count_unique
+from timm_reduce.core.sharing import alias_map, count_unique
 
 from conftest import TINY, perturb_blocks, tiny, tiny_input
 
@@ -195,7 +195,7 @@ class _Payload:
 
 
 def test_checkpoints_are_never_unpickled(tmp_path):
-    from timm_reduce.serialization import read_weights
+    from timm_reduce.persistence.serialization import read_weights
 
     path = tmp_path / 'evil.pth'
     torch.save({'state_dict': {'w': torch.zeros(1)}, 'x': _Payload()}, path)
@@ -210,7 +210,7 @@ def test_checkpoints_are_never_unpickled(tmp_path):
 def test_timm_training_checkpoints_are_readable(tmp_path):
     import argparse
 
-    from timm_reduce.serialization import read_weights
+    from timm_reduce.persistence.serialization import read_weights
 
     path = tmp_path / 'last.pth.tar'
     torch.save({'state_dict': {'w': torch.ones(3)}, 'args': argparse.Namespace(model='vit'), 'epoch': 2}, path)

@@ -5,7 +5,7 @@ import torch
 
 import timm_reduce
 from timm_reduce import ReduceError, ReduceSpec
-from timm_reduce.spec import parse_recipe
+from timm_reduce.core.spec import parse_recipe
 
 from conftest import tiny, tiny_input
 
@@ -71,7 +71,7 @@ def test_corrupted_specs_rejected(data):
 
 
 def test_third_party_strategy_registers_and_applies(monkeypatch):
-    from timm_reduce import registry
+    from timm_reduce.core import registry
 
     monkeypatch.setattr(registry, '_STRATEGIES', dict(registry._STRATEGIES))  # undone after the test
 

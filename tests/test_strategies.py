@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import timm_reduce
 from timm_reduce import ReduceError, find_mlp_sites
-from timm_reduce.sharing import count_unique
+from timm_reduce.core.sharing import count_unique
 
 from conftest import perturb_blocks, tiny, tiny_input
 
@@ -73,7 +73,7 @@ def test_shallow_swiglu_cuts_gate_value_and_norm():
         find_mlp_sites(model)[1].mlp.norm.weight.copy_(orig.norm.weight)
     timm_reduce.reduce(model, 'shallow', keep=[10, 20, 30])
     mlp = find_mlp_sites(model)[1].mlp
-    index = torch.topk(timm_reduce.hidden_units.unit_importance(orig), 20).indices.sort().values
+    index = torch.topk(timm_reduce.core.hidden_units.unit_importance(orig), 20).indices.sort().values
     assert torch.equal(mlp.fc1_g.weight, orig.fc1_g.weight[index])
     assert torch.equal(mlp.fc1_x.weight, orig.fc1_x.weight[index])
     assert torch.equal(mlp.norm.weight, orig.norm.weight[index])

@@ -50,7 +50,7 @@ def test_cli_reduce_info_eval(tmp_path, image_folder, capsys):
                '--set', 'group_size=2', '--output', str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    loaded = timm_reduce.summary(timm_reduce.entrypoint.build_reduced(
+    loaded = timm_reduce.summary(timm_reduce.persistence.entrypoint.build_reduced(
         'vit_tiny_patch16_224', [timm_reduce.ReduceSpec('grouped', {'group_size': 2})], img_size=32, patch_size=8,
         embed_dim=32, depth=4, num_heads=2, num_classes=3), macs=False)
     assert f"{loaded['unique_params']:,}" in printed and (out / 'model.safetensors').exists()
@@ -113,7 +113,7 @@ def test_demo_runs_end_to_end():
 
 
 def test_stored_params_count_sparse_factors_by_non_zeros():
-    from timm_reduce.fips.layers import FipsLinear
+    from timm_reduce.strategies.fips.layers import FipsLinear
 
     model = timm_reduce.reduce(tiny('vit'), 'fips', budget=0.25, group_size=2, sparsifier='static')
     info = timm_reduce.summary(model, macs=False)

@@ -13,10 +13,10 @@ import torch
 import yaml
 
 import timm_reduce
-from timm_reduce.entrypoint import build_reduced
+from timm_reduce.persistence.entrypoint import build_reduced
 from timm_reduce.errors import ReduceError
-from timm_reduce.sharing import alias_map, count_unique
-from timm_reduce.spec import ReduceSpec
+from timm_reduce.core.sharing import alias_map, count_unique
+from timm_reduce.core.spec import ReduceSpec
 from timm_reduce.training import checkpoint_state, load_training_checkpoint, recipe_from_flags
 from train_utils import MODEL_KWARGS, TINY, load_train_module, make_image_folder
 

@@ -14,8 +14,8 @@ import timm
 import torch
 from timm.utils import random_seed
 
-from timm_reduce.entrypoint import build_reduced
-from timm_reduce.spec import ReduceSpec
+from timm_reduce.persistence.entrypoint import build_reduced
+from timm_reduce.core.spec import ReduceSpec
 from timm_reduce.training import load_training_checkpoint
 from train_utils import MODEL_KWARGS, REPO, TINY, make_image_folder, subprocess_env
 

@@ -7,7 +7,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 import timm_reduce
-from timm_reduce.sharing import alias_map
+from timm_reduce.core.sharing import alias_map
 from timm_reduce.training import SharedEma
 from train_utils import MODEL_KWARGS
 

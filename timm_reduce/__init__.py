@@ -1,19 +1,19 @@
 """timm_reduce: make timm vision transformers smaller by sharing, pruning and decomposing their MLPs."""
-__version__ = '0.1.0'
+from .version import __version__  # noqa: F401  (re-exported)
 
 from .errors import HubError, ReduceError, UnsupportedModelError
-from .spec import ReduceSpec
-from .registry import Strategy, get_strategy, list_strategies, register_strategy
-from .discovery import MlpSite, find_mlp_sites
-from .sharing import unique_parameters
-from .record import get_record
-from .api import materialize, reduce
-from .serialization import load_pretrained, save_pretrained
-from .hub import push_to_hub
+from .core.spec import ReduceSpec
+from .core.registry import Strategy, get_strategy, list_strategies, register_strategy
+from .core.discovery import MlpSite, find_mlp_sites
+from .core.sharing import unique_parameters
+from .core.record import get_record
+from .core.api import materialize, reduce
+from .persistence.serialization import load_pretrained, save_pretrained
+from .persistence.hub import push_to_hub
 from .summary import format_summary, summary
-from .calibrate import CalibrationConfig, CalibrationReport, calibrate, calibration_report, compress
+from .calibration import CalibrationConfig, CalibrationReport, calibrate, calibration_report, compress
 from . import strategies  # noqa: F401  (registers the built-in strategies)
-from . import entrypoint  # noqa: F401  (registers the `timm_reduce` timm model)
+from .persistence import entrypoint  # noqa: F401  (registers the `timm_reduce` timm model)
 
 __all__ = [
     'CalibrationConfig', 'CalibrationReport', 'HubError', 'MlpSite', 'ReduceError', 'ReduceSpec', 'Strategy',

@@ -96,7 +96,7 @@ def _saved_and_reloaded(model: nn.Module, x: torch.Tensor) -> int:
     """Save, reload through timm's local-dir loader, check outputs are identical; returns the weights file's bytes."""
     import timm
 
-    from .serialization import save_pretrained
+    from .persistence.serialization import save_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp)
@@ -126,8 +126,8 @@ def run_demo(epochs: int = 30, seed: int = 0, print_fn=print) -> list[DemoRow]:
 def _run_demo(epochs: int, seed: int, print_fn) -> list[DemoRow]:
     import timm
 
-    from .api import reduce
-    from .calibrate import compress
+    from .core.api import reduce
+    from .calibration import compress
     from .summary import summary
 
     torch.manual_seed(seed)

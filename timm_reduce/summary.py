@@ -6,12 +6,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import mlp_unique_params
-from .discovery import find_mlp_sites, mlp_kind
-from .morphreuse_layers import _SharedUser
-from .record import base_name, get_record
-from .serialization import encode_state
-from .sharing import count_unique
+from .core.api import mlp_unique_params
+from .core.discovery import find_mlp_sites, mlp_kind
+from .core.record import base_name, get_record
+from .core.protocol import layer_rows, referenced_parameters
+from .persistence.encoding import encode_state
+from .core.sharing import count_unique
 
 __all__ = ['summary', 'format_summary', 'count_macs', 'model_input_size', 'stored_params']
 
@@ -45,7 +45,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] | None = None) -> i
 
 def stored_params(model: nn.Module) -> int:
     """Parameters the saved file holds: unique tensors, a masked tensor (FiPS factor) counted by its non-zeros."""
-    from .sharing import tensor_identity
+    from .core.sharing import tensor_identity
 
     counts: dict[tuple, int] = {}
     for module in model.modules():
@@ -58,12 +58,11 @@ def stored_params(model: nn.Module) -> int:
 
 def params_per_use(module: nn.Module) -> int:
     """Parameters `module`'s forward pass computes with, a shared tensor counted once per use: every registered
-    parameter (duplicates kept) plus the shared tensors a layer only references (MorphReuse users other than the
-    bank's owner)."""
+    parameter (duplicates kept) plus the shared tensors a layer only references (`referenced_parameters()`, e.g.
+    MorphReuse users other than the bank's owner)."""
     count = sum(p.numel() for _, p in module.named_parameters(remove_duplicate=False))
     for _, m in module.named_modules(remove_duplicate=False):
-        if isinstance(m, _SharedUser) and not m.is_owner:
-            count += sum(p.numel() for p in m.shared_parameters())
+        count += sum(p.numel() for p in referenced_parameters(m))
     return count
 
 
@@ -113,8 +112,7 @@ def summary(model: nn.Module, input_size: tuple[int, ...] | None = None, macs: b
         'mlp_params': mlp_now,
         'bytes': sum(t.numel() * t.element_size() for t in encode_state(model, for_disk=False).values()),
         'blocks': blocks,
-        'layers': [{'path': path, **module.summary_info()} for path, module in model.named_modules()
-                   if callable(getattr(module, 'summary_info', None))],
+        'layers': layer_rows(model),
     }
     if macs:
         info['macs'] = count_macs(model, input_size)

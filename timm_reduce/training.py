@@ -18,10 +18,10 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from .errors import ReduceError
-from .record import get_record
-from .serialization import read_weights, safe_torch_load
-from .sharing import alias_map, count_unique
-from .spec import ReduceSpec, parse_recipe
+from .core.record import get_record
+from .persistence.serialization import read_weights, safe_torch_load
+from .core.sharing import alias_map, count_unique
+from .core.spec import ReduceSpec, parse_recipe
 
 __all__ = [
     'MLP_RATIO_MEANING', 'recipe_from_flags', 'recipe_to_text', 'SharedEma', 'load_training_checkpoint',
@@ -87,7 +87,7 @@ def recipe_from_flags(
         if mlp_ratio is not None or kwargs:
             raise ReduceError('--reduction-mlp-ratio and --reduction-kwargs need --reduction-strategy.')
         return []
-    from .registry import get_strategy, list_strategies
+    from .core.registry import get_strategy, list_strategies
 
     if strategy not in list_strategies():
         raise ReduceError(f'Reduction strategy {strategy!r} is not available in this installation; '

@@ -34,204 +34,31 @@ raises. Only rank 0 writes checkpoints.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
 import logging
 import math
-import os
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import as_spec, reduce
-from .discovery import MlpSite, find_mlp_sites
-from .errors import ReduceError
-from .hooks import RecipeHooks, recipe_hooks
-from .registry import get_strategy
-from .sharing import unique_tensors
-from .spec import ReduceSpec
+from ..core.api import as_spec, reduce
+from ..core.discovery import MlpSite, find_mlp_sites
+from ..core.hooks import RecipeHooks, recipe_hooks
+from ..core.registry import get_strategy
+from ..core.sharing import unique_tensors
+from ..core.spec import ReduceSpec
+from ..errors import ReduceError
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .config import REPORT_ATTR, CalibrationConfig, CalibrationReport, estimate_memory
+from .data import collect_batches
+from .distributed import check_identical, rank_and_world, tensor_hash
 
-__all__ = ['CalibrationConfig', 'CalibrationReport', 'calibrate', 'compress', 'calibration_report', 'estimate_memory']
+__all__ = ['calibrate', 'compress']
 
 _logger = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = 'calibration.pt'
-_REPORT_ATTR = '_timm_reduce_calibration'
-
-
-@dataclass
-class CalibrationConfig:
-    """Options of the calibration loop (all keyword options of `compress`/`calibrate` that are not strategy options).
-
-    Attributes:
-        epochs: passes over the calibration batches (>= 1). The paper's FiPS recipe uses 20.
-        batches: how many batches of `data` form the calibration set (>= 1); None takes all of `data`.
-        lr: peak AdamW learning rate (> 0). 1e-3 gave the lowest output error of 1e-4 / 3e-4 / 1e-3 / 3e-3 on the
-            CIFAR-10 benchmark ViT (bench/results/compress_lr_pilot.json).
-        weight_decay: AdamW decoupled weight decay (>= 0), applied to matrices only (not to biases / vectors).
-        warmup_steps: linear warmup steps before the per-step cosine decay (>= 0).
-        min_lr_ratio: the cosine ends at `lr * min_lr_ratio` (in [0, 1]).
-        seed: seeds the batch order and any randomness of the strategy's hooks (the caller's RNG is untouched).
-        shuffle: visit the calibration batches in a new seeded order every epoch.
-        cache: `'none'` recomputes teacher activations every step (least memory); `'bf16'` / `'fp32'` store every
-            block's teacher input and output once (no teacher forward per step; see the memory formula).
-        checkpoint_dir: write a checkpoint after every epoch there and resume from it when it exists.
-        stop_after: end this call once this many epochs (counted from the start of the run) are complete; the
-            LR and sparsity schedules still span `epochs`. Resume later with the same `checkpoint_dir`.
-        progress: show tqdm progress bars (rank 0 only).
-        callback: called as `callback(report)` after every epoch (after its checkpoint is written).
-        count_flops: count the FLOPs of one step (torch FlopCounterMode) into `report.step_flops`.
-        evaluate: measure the per-block and output errors before and after (two extra passes over the batches).
-    """
-
-    epochs: int = 20
-    batches: int | None = 30
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    seed: int = 0
-    shuffle: bool = True
-    cache: Literal['none', 'bf16', 'fp32'] = 'none'
-    checkpoint_dir: str | os.PathLike | None = None
-    stop_after: int | None = None
-    progress: bool = False
-    callback: Callable[['CalibrationReport'], Any] | None = None
-    count_flops: bool = False
-    evaluate: bool = True
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise ReduceError(f'calibration: {what}.')
-
-        need(_is_int(self.epochs) and self.epochs >= 1, f'epochs must be an integer >= 1, got {self.epochs!r}')
-        need(self.batches is None or (_is_int(self.batches) and self.batches >= 1),
-             f'batches must be an integer >= 1 or None (all of data), got {self.batches!r}')
-        need(_is_num(self.lr) and math.isfinite(self.lr) and self.lr > 0, f'lr must be a number > 0, got {self.lr!r}')
-        need(_is_num(self.weight_decay) and self.weight_decay >= 0,
-             f'weight_decay must be a number >= 0, got {self.weight_decay!r}')
-        need(_is_int(self.warmup_steps) and self.warmup_steps >= 0,
-             f'warmup_steps must be an integer >= 0, got {self.warmup_steps!r}')
-        need(_is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
-             f'min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}')
-        need(_is_int(self.seed), f'seed must be an integer, got {self.seed!r}')
-        need(self.cache in ('none', 'bf16', 'fp32'), f"cache must be 'none', 'bf16' or 'fp32', got {self.cache!r}")
-        need(self.stop_after is None or (_is_int(self.stop_after) and self.stop_after >= 1),
-             f'stop_after must be an integer >= 1 or None, got {self.stop_after!r}')
-        need(self.callback is None or callable(self.callback), 'callback must be callable')
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run that wrote the checkpoint."""
-        return {k: getattr(self, k) for k in ('epochs', 'batches', 'lr', 'weight_decay', 'warmup_steps',
-                                               'min_lr_ratio', 'seed', 'shuffle')}
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-@dataclass
-class CalibrationReport:
-    """What a calibration did. Errors are mean squared errors over the calibration set.
-
-    Attributes:
-        blocks: block paths, in model order.
-        block_error_before / block_error_after: per block, MSE between the student block (fed the teacher's
-            input) and the teacher block's output, before and after calibration. "Before" is the model as
-            `reduce()` left it: for FiPS with GMP that is the start sparsity s0, not the final one.
-        output_error_before / output_error_after: MSE between the student's and the teacher's model outputs.
-        epoch_loss: per epoch, the mean over steps of the summed block MSE (averaged over ranks).
-        epoch_time: seconds per epoch (this process).
-        step_flops: FLOPs of one step on this rank (when `count_flops`), else None.
-    """
-
-    blocks: list[str] = field(default_factory=list)
-    epochs: int = 0
-    epochs_done: int = 0
-    steps_per_epoch: int = 0
-    batches: int = 0
-    images: int = 0
-    world_size: int = 1
-    trainable_params: int = 0
-    cache: str = 'none'
-    resumed_from: int = 0
-    completed: bool = False
-    epoch_loss: list[float] = field(default_factory=list)
-    epoch_time: list[float] = field(default_factory=list)
-    block_error_before: list[float] = field(default_factory=list)
-    block_error_after: list[float] = field(default_factory=list)
-    output_error_before: float | None = None
-    output_error_after: float | None = None
-    memory_estimate: dict[str, int] = field(default_factory=dict)
-    step_flops: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def format(self) -> str:
-        """A readable summary: per-epoch loss and per-block error before -> after."""
-        lines = [f'calibration: {self.epochs_done}/{self.epochs} epochs x {self.steps_per_epoch} steps, '
-                 f'{self.images} images, {self.world_size} process(es), {self.trainable_params:,} trainable params, '
-                 f'cache={self.cache}' + (f', resumed after epoch {self.resumed_from}' if self.resumed_from else '')]
-        if self.epoch_loss:
-            lines.append('epoch loss     ' + ' '.join(f'{v:.4g}' for v in self.epoch_loss))
-        if self.epoch_time:
-            lines.append(f'time per epoch {sum(self.epoch_time) / len(self.epoch_time):.2f} s')
-        if self.block_error_after:
-            lines.append(f"{'block':<22} {'MSE before':>12} {'MSE after':>12} {'ratio':>8}")
-            for path, b, a in zip(self.blocks, self.block_error_before, self.block_error_after):
-                lines.append(f'{path:<22} {b:>12.4g} {a:>12.4g} {a / b if b > 0 else float("nan"):>8.3f}')
-        if self.output_error_after is not None:
-            lines.append(f'output MSE     {self.output_error_before:.4g} -> {self.output_error_after:.4g}')
-        if self.memory_estimate:
-            lines.append(f"memory (est.)  {self.memory_estimate['total'] / 2 ** 20:.1f} MiB")
-        return '\n'.join(lines)
-
-
-def calibration_report(model: nn.Module) -> CalibrationReport | None:
-    """The report of the last `compress()` of `model`, or None."""
-    return model.__dict__.get(_REPORT_ATTR)
-
-
-def estimate_memory(
-        config: CalibrationConfig,
-        trainable_params: int,
-        image_shape: tuple[int, ...],
-        batches: int,
-        block_shapes: list[tuple[int, int, int, bool]],
-) -> dict[str, int]:
-    """The module docstring's memory formula, in bytes.
-
-    Args:
-        config: the calibration options (`cache` matters).
-        trainable_params: P, the trainable parameters.
-        image_shape: one batch's shape (B, C, H, W).
-        batches: calibration batches held by this process.
-        block_shapes: per block (B * T_i, d_i, h_i, chained_i): rows of the token matrix, width, MLP hidden width,
-            and whether the block's input is the previous block's output (then the cache stores it once).
-    """
-    images = 4 * batches * math.prod(image_shape)
-    optimizer = 12 * trainable_params
-    size = {'none': 0, 'bf16': 2, 'fp32': 4}[config.cache]
-    cache = sum(size * batches * rows * d * (1 if chained else 2) for rows, d, _, chained in block_shapes)
-    activations = 4 * max((rows * (4 * h + 8 * d) for rows, d, h, _ in block_shapes), default=0)
-    return {'images': images, 'optimizer': optimizer, 'cache': cache, 'activations': activations,
-            'total': images + optimizer + cache + activations}
 
 
 _PREVIOUS = object()  # cache marker: this block's input is the previous block's output
@@ -239,72 +66,6 @@ _PREVIOUS = object()  # cache marker: this block's input is the previous block's
 
 class _StopForward(Exception):
     """Raised from the last block's hook: the rest of the teacher forward is not needed."""
-
-
-def _batch_images(batch: Any, index: int) -> torch.Tensor:
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise ReduceError(f'calibration data: batch {index} is a {type(batch).__name__}; expected an image tensor '
-                          f'(B, C, H, W) or an (images, targets) tuple, as a DataLoader gives.')
-    if not batch.is_floating_point() or batch.ndim < 2:
-        raise ReduceError(f'calibration data: batch {index} is a {batch.dtype} tensor of shape {tuple(batch.shape)}; '
-                          f'expected float images (B, C, H, W) after the model\'s transforms.')
-    return batch
-
-
-def _collect_batches(data: Iterable, limit: int | None, rank: int, world: int) -> tuple[list[torch.Tensor], int]:
-    """This rank's share of the first `limit` batches of `data`, and the number of batches read in total."""
-    if data is None:
-        raise ReduceError('calibration needs data: pass data=<a DataLoader or an iterable of image batches or '
-                          '(images, targets) tuples>. For a reduction without data use timm_reduce.reduce().')
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise ReduceError(f'calibration data must be iterable (a DataLoader, a list of batches), '
-                          f'got {type(data).__name__}.') from None
-    mine, total = [], 0
-    for i, batch in enumerate(iterator):
-        if limit is not None and i >= limit:
-            break
-        images = _batch_images(batch, i)
-        if i % world == rank:
-            mine.append(images)
-        total += 1
-    usable = total // world
-    if usable == 0:
-        raise ReduceError(f'calibration data gave {total} batch(es); need at least {world} '
-                          f'(one per process).' if total else 'calibration data is empty: it gave no batches.')
-    if total % world:
-        _logger.warning(f'calibration: {total} batches do not split evenly over {world} processes; '
-                        f'using {usable * world}.')
-    return mine[:usable], usable * world
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _tensor_hash(tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-    digest = hashlib.sha256()
-    for name, t in tensors:
-        digest.update(name.encode())
-        digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(digest.digest()[:8], 'little', signed=True)
-
-
-def _check_identical(what: str, value: int) -> None:
-    """Raise when the ranks disagree on `value` (a hash)."""
-    world = torch.distributed.get_world_size()
-    mine = torch.tensor([value], dtype=torch.int64)
-    everyone = [torch.zeros_like(mine) for _ in range(world)]
-    torch.distributed.all_gather(everyone, mine)
-    values = [int(t) for t in everyone]
-    if len(set(values)) != 1:
-        raise ReduceError(f'distributed calibration: the {what} differ between ranks (hashes {values}); every rank '
-                          f'must apply the same updates. Check that all ranks build the same model and options.')
 
 
 class _Engine:
@@ -480,17 +241,6 @@ def _make_optimizer(params: list[torch.Tensor], config: CalibrationConfig) -> to
     return torch.optim.AdamW(groups, lr=config.lr, foreach=False)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
 
 def calibrate(
         model: nn.Module,
@@ -526,8 +276,8 @@ def calibrate(
         config = CalibrationConfig(**options)
     elif options:
         raise ReduceError('Pass calibration options either as a CalibrationConfig or as keywords, not both.')
-    rank, world = _dist()
-    batches, total_batches = _collect_batches(data, config.batches, rank, world)
+    rank, world = rank_and_world()
+    batches, total_batches = collect_batches(data, config.batches, rank, world)
     if hooks == 'auto':
         hooks = recipe_hooks(model)
     elif hooks is None:
@@ -618,8 +368,8 @@ def _run(engine: _Engine, total_batches: int) -> CalibrationReport:
         if world > 1:
             torch.distributed.all_reduce(loss)
             loss /= world
-            _check_identical('sparsity masks', _tensor_hash(sorted(engine.hooks.masks().items())))
-            _check_identical('trainable weights', _tensor_hash((str(i), p) for i, p in enumerate(engine.params)))
+            check_identical('sparsity masks', tensor_hash(sorted(engine.hooks.masks().items())))
+            check_identical('trainable weights', tensor_hash((str(i), p) for i, p in enumerate(engine.params)))
         report.epoch_loss.append(float(loss))
         report.epoch_time.append(time.perf_counter() - tic)
         report.epochs_done = epoch + 1
@@ -628,7 +378,7 @@ def _run(engine: _Engine, total_batches: int) -> CalibrationReport:
                      f'({report.epoch_time[-1]:.1f} s)')
         if ckpt_path is not None:
             if rank == 0:
-                _atomic_save({'fingerprint': fingerprint, 'epoch': epoch + 1, 'model': model.state_dict(),
+                save_checkpoint({'fingerprint': fingerprint, 'epoch': epoch + 1, 'model': model.state_dict(),
                               'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
                               'hooks': engine.hooks.state_dict(), 'rng': torch.get_rng_state(),
                               'report': report.to_dict()}, ckpt_path)
@@ -643,19 +393,11 @@ def _run(engine: _Engine, total_batches: int) -> CalibrationReport:
     return report
 
 
+
 def _resume(path: Path, fingerprint: dict, engine: _Engine, optimizer: torch.optim.Optimizer,
             scheduler: Any, report: CalibrationReport) -> int:
     """Load the last per-epoch checkpoint; returns the number of completed epochs."""
-    try:
-        state = torch.load(path, map_location=engine.device, weights_only=True)
-    except Exception as e:
-        raise ReduceError(f'calibration: cannot read checkpoint {path}: {e}') from e
-    saved = state.get('fingerprint', {})
-    diff = {k: (saved.get(k), v) for k, v in _normalise(fingerprint).items() if _normalise(saved).get(k) != v}
-    if diff:
-        details = ', '.join(f'{k}: checkpoint {a!r} vs now {b!r}' for k, (a, b) in diff.items())
-        raise ReduceError(f'calibration: checkpoint {path} is from a different run ({details}). Use the same options '
-                          f'to resume, or another checkpoint_dir to start afresh.')
+    state = load_checkpoint(path, fingerprint, engine.device)
     engine.model.load_state_dict(state['model'])
     optimizer.load_state_dict(state['optimizer'])
     scheduler.load_state_dict(state['scheduler'])
@@ -668,14 +410,6 @@ def _resume(path: Path, fingerprint: dict, engine: _Engine, optimizer: torch.opt
     _logger.info(f'calibration: resumed from {path} after epoch {report.resumed_from}')
     return report.resumed_from
 
-
-def _normalise(value: Any) -> Any:
-    """Tuples -> lists, recursively, so a fingerprint compares equal after a save/load round trip."""
-    if isinstance(value, dict):
-        return {k: _normalise(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
-    return value
 
 
 def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **options: Any) -> nn.Module:
@@ -715,5 +449,5 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
     reduce(model, spec)
     report = calibrate(model, teacher, data, config)
     del teacher
-    model.__dict__[_REPORT_ATTR] = report
+    model.__dict__[REPORT_ATTR] = report
     return model

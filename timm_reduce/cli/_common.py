@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ReduceError
-from ..spec import parse_value
+from ..core.spec import parse_value
 
 
 def parse_kv(items: list[str] | None, what: str = 'option') -> dict[str, Any]:
@@ -44,7 +44,7 @@ def load_model(source: str | None, pretrained: bool = False, checkpoint: str | N
     """
     import timm
 
-    from ..serialization import load_pretrained, load_reduced_state, read_weights
+    from ..persistence.serialization import load_pretrained, load_reduced_state, read_weights
 
     kwargs = model_kwargs or {}
     if pretrained and checkpoint:

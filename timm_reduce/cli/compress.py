@@ -87,8 +87,8 @@ def _init_distributed(device: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from .. import save_pretrained, summary
-    from ..calibrate import CalibrationConfig, calibration_report, compress
-    from ..registry import get_strategy
+    from ..calibration import CalibrationConfig, calibration_report, compress
+    from ..core.registry import get_strategy
 
     strategy = get_strategy(args.strategy)
     options: dict[str, Any] = {}

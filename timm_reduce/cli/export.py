@@ -8,7 +8,7 @@ __all__ = ['add_parser']
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from ..export import EXPORT_FORMATS
+    from ..persistence.export import EXPORT_FORMATS
 
     parser = subparsers.add_parser(
         'export', help='export a saved model to ONNX or TorchScript',
@@ -25,8 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import DEFAULT_FILENAMES, export_model
-    from ..hub import load_folder
+    from ..persistence.export import DEFAULT_FILENAMES, export_model
+    from ..persistence.hub import load_folder
 
     model, _ = load_folder(args.directory)
     output = Path(args.output) if args.output else Path(args.directory) / DEFAULT_FILENAMES[args.format]

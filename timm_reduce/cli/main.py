@@ -1,4 +1,5 @@
-"""The `timm-reduce` command. Subcommands live in `timm_reduce/commands/`, one module each, discovered here."""
+"""The `timm-reduce` command. Subcommands live beside this module in `timm_reduce/cli/`, one module each
+(`add_parser(subparsers)`), discovered here."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +7,10 @@ import importlib
 import logging
 import pkgutil
 import sys
+from pathlib import Path
 
-from . import __version__, commands
-from .errors import ReduceError
+from ..version import __version__
+from ..errors import ReduceError
 
 __all__ = ['main', 'build_parser']
 
@@ -19,10 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--version', action='version', version=f'timm_reduce {__version__}')
     parser.add_argument('-v', '--verbose', action='store_true', help='log at INFO level')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        if info.name.startswith('_'):
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
+        if info.name.startswith('_') or info.name == 'main':
             continue
-        module = importlib.import_module(f'{commands.__name__}.{info.name}')
+        module = importlib.import_module(f'{__package__}.{info.name}')
         module.add_parser(sub)
     return parser
 

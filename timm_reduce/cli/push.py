@@ -25,8 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..card import user_metadata
-    from ..hub import check_repo_id, load_folder, push_folder, push_to_hub
+    from ..persistence.card import user_metadata
+    from ..persistence.hub import check_repo_id, load_folder, push_folder, push_to_hub
 
     check_repo_id(args.repo_id)
     common = dict(private=args.private, revision=args.revision, commit_message=args.message, token=args.token,

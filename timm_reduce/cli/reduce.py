@@ -8,7 +8,7 @@ from ._common import add_model_args, load_model, parse_kv
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from ..registry import list_strategies
+    from ..core.registry import list_strategies
 
     p = subparsers.add_parser('reduce', help='apply a reduction strategy and save the reduced model')
     add_model_args(p)
@@ -21,8 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import reduce
-    from ..serialization import save_pretrained
+    from ..core.api import reduce
+    from ..persistence.serialization import save_pretrained
     from ..summary import format_summary, summary
 
     model = load_model(args.model, args.pretrained, args.checkpoint, parse_kv(args.model_kwargs, 'model kwarg'))

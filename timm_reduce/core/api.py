@@ -8,10 +8,11 @@ from typing import Any
 from torch import nn
 
 from .discovery import find_mlp_sites
-from .errors import ReduceError
+from ..errors import ReduceError
 from .record import ReductionRecord, base_name, get_record, set_record
 from .registry import get_strategy
 from .sharing import count_unique, tensor_identity
+from .protocol import Materializes
 from .spec import ReduceSpec
 
 __all__ = ['reduce', 'materialize', 'as_spec', 'mlp_unique_params']
@@ -99,7 +100,7 @@ def materialize(model: nn.Module) -> nn.Module:
             copied.append(path)
         seen_modules.add(id(module))
     for path, module in list(dense.named_modules()):
-        if path and callable(getattr(module, 'materialize', None)):
+        if path and isinstance(module, Materializes):
             _replace_child(dense, path, module.materialize())
     seen_params: set[tuple] = set()
     for module in dense.modules():

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .errors import ReduceError, UnsupportedModelError
+from ..errors import ReduceError, UnsupportedModelError
 
 __all__ = ['MlpSite', 'find_mlp_sites', 'mlp_kind', 'resolve_groups']
 

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ReduceError
+from ..errors import ReduceError
 from .record import get_record
 from .registry import get_strategy
 from .spec import ReduceSpec

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from .errors import ReduceError
+from ..errors import ReduceError
 
 __all__ = ['Strategy', 'register_strategy', 'get_strategy', 'list_strategies']
 

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import ReduceError
+from ..errors import ReduceError
 
 __all__ = ['ReduceSpec', 'SPEC_FORMAT', 'parse_value', 'parse_recipe']
 

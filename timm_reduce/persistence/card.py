@@ -141,7 +141,7 @@ def render_model_card(model: nn.Module, config: dict[str, Any], repo_id: str | N
             `accuracy`, anything else).
         repo_id: the Hub repository, used in the loading instructions; None for a local folder.
     """
-    from .summary import format_summary, summary
+    from ..summary import format_summary, summary
 
     block = dict(config.get('timm_reduce') or {})
     meta = user_metadata(block)

@@ -16,12 +16,12 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from .api import mlp_unique_params
-from .errors import ReduceError
-from .record import ReductionRecord, set_record
-from .registry import get_strategy
+from ..core.api import mlp_unique_params
+from ..errors import ReduceError
+from ..core.record import ReductionRecord, set_record
+from ..core.registry import get_strategy
 from .serialization import WEIGHTS_NAME, load_reduced_state, read_weights
-from .spec import ReduceSpec, parse_recipe
+from ..core.spec import ReduceSpec, parse_recipe
 
 __all__ = ['build_reduced', 'timm_reduce']
 
@@ -52,7 +52,7 @@ def build_reduced(
     """
     import timm
 
-    from .api import reduce
+    from ..core.api import reduce
 
     base_kwargs = dict(kwargs)
     create_kwargs = dict(kwargs)

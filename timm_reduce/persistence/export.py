@@ -22,8 +22,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .api import materialize
-from .errors import ReduceError
+from ..core.api import materialize
+from ..errors import ReduceError
 
 __all__ = ['ExportResult', 'export_model', 'EXPORT_FORMATS']
 
@@ -123,7 +123,7 @@ def export_model(
         ReduceError: unknown format, missing onnx/onnxruntime, or outputs differing by more than `atol`
             (then `output` is left as it was).
     """
-    from .summary import model_input_size
+    from ..summary import model_input_size
 
     if format not in EXPORT_FORMATS:
         raise ReduceError(f'Unknown export format {format!r}; allowed: {", ".join(EXPORT_FORMATS)}.')

@@ -26,9 +26,9 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalToken
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from . import __version__
+from ..version import __version__
 from .card import CARD_NAME, is_generated_card, render_model_card
-from .errors import HubError, ReduceError
+from ..errors import HubError, ReduceError
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained
 
 __all__ = ['push_to_hub', 'push_folder', 'check_repo_id', 'load_folder']
@@ -83,7 +83,7 @@ def load_folder(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _max_output_diff(reference: nn.Module, loaded: nn.Module) -> float:
-    from .summary import model_input_size
+    from ..summary import model_input_size
 
     param = next(reference.parameters())
     generator = torch.Generator().manual_seed(0)

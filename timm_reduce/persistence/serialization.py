@@ -6,8 +6,7 @@ Two formats:
     `architecture = <base>` and `model_args` such as `mlp_ratio`; stock timm loads it without this plugin.
   * timm_reduce: `architecture = 'timm_reduce'`, `model_args = {base, reduce: [specs], <base kwargs>}`. The
     registered entrypoint rebuilds the reduced structure, then loads these weights strictly.
-Shared tensors are stored once; reduced modules may store themselves compactly by defining
-`encode_state_dict(prefix, state)` / `decode_state_dict(prefix, state)`.
+Shared tensors are stored once; reduced layers store themselves compactly (`persistence.encoding`).
 """
 from __future__ import annotations
 
@@ -23,13 +22,14 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import __version__
-from .discovery import find_mlp_sites
-from .errors import ReduceError
-from .record import ReductionRecord, base_name, get_record
-from .sharing import alias_map, count_unique
+from ..version import __version__
+from ..core.discovery import find_mlp_sites
+from ..errors import ReduceError
+from ..core.record import ReductionRecord, base_name, get_record
+from ..core.sharing import alias_map, count_unique
+from .encoding import decode_state, encode_state
 
-__all__ = ['save_pretrained', 'encode_state', 'decode_state', 'load_reduced_state', 'plain_model_args',
+__all__ = ['save_pretrained', 'load_reduced_state', 'plain_model_args',
            'read_weights', 'safe_torch_load', 'load_pretrained', 'WEIGHTS_NAME', 'CONFIG_NAME']
 
 _logger = logging.getLogger(__name__)
@@ -38,44 +38,6 @@ WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 _DROP_ARGS = ('drop_rate', 'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate',
               'patch_drop_rate', 'drop_block_rate', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
-
-
-def encode_state(model: nn.Module, for_disk: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors that are written to disk: each shared tensor once, reduced modules in their compact form.
-
-    With `for_disk=False` tensors stay where they are (also on the meta device): enough to count bytes.
-    """
-    state = model.state_dict()
-    for alias in alias_map(state):
-        del state[alias]
-    for prefix, module in model.named_modules():
-        encode = getattr(module, 'encode_state_dict', None)
-        if callable(encode):
-            encode(f'{prefix}.' if prefix else '', state)
-    if not for_disk:
-        return state
-    out, seen = {}, set()
-    for key, t in state.items():
-        t = t.detach().cpu()
-        # safetensors refuses tensors that share memory: give any remaining overlap its own copy
-        ident = t.untyped_storage().data_ptr()
-        t = t.contiguous() if ident not in seen else t.clone().contiguous()
-        seen.add(ident)
-        out[key] = t
-    return out
-
-
-def decode_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of `encode_state` for a model with the same structure: a full state_dict for `load_state_dict`."""
-    state = dict(state)
-    for prefix, module in model.named_modules():
-        decode = getattr(module, 'decode_state_dict', None)
-        if callable(decode):
-            decode(f'{prefix}.' if prefix else '', state)
-    for alias, canonical in alias_map(model.state_dict()).items():
-        if alias not in state and canonical in state:
-            state[alias] = state[canonical]
-    return state
 
 
 def load_reduced_state(model: nn.Module, stored: dict[str, torch.Tensor], source: str = 'checkpoint') -> None:
@@ -337,7 +299,7 @@ def save_pretrained(
     Returns:
         The directory path.
     """
-    from .api import materialize
+    from ..core.api import materialize
 
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():

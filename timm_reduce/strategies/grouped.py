@@ -8,10 +8,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..discovery import resolve_groups
+from ..core.discovery import resolve_groups
 from ..errors import ReduceError
-from ..hidden_units import input_linears
-from ..registry import register_strategy
+from ..core.hidden_units import input_linears
+from ..core.registry import register_strategy
 
 
 @dataclass

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..errors import ReduceError
-from ..hidden_units import hidden_units, select_units, unit_importance
-from ..registry import register_strategy
+from ..core.hidden_units import hidden_units, select_units, unit_importance
+from ..core.registry import register_strategy
 
 
 @dataclass

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ReduceError
-from ..hidden_units import rebuild_units
-from ..registry import register_strategy
+from ..core.hidden_units import rebuild_units
+from ..core.registry import register_strategy
 
 
 @dataclass

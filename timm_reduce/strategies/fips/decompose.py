@@ -17,7 +17,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
-from ..errors import ReduceError
+from ...errors import ReduceError
 
 __all__ = ['Growth', 'GroupFactors', 'rank_for_budget', 'decompose_group', 'single_thread']
 

@@ -230,7 +230,7 @@ class FipsLinear(nn.Module):
         mask = unpack_bits(bits, shape) if bits is not None else torch.ones(shape, dtype=torch.bool)
         mask = mask.to(values.device)
         if int(mask.sum()) != values.numel():
-            from ..errors import ReduceError
+            from ...errors import ReduceError
 
             raise ReduceError(f'{prefix}factor: the stored mask has {int(mask.sum())} entries but '
                               f'{values.numel()} values are stored; the file is corrupt or from another model.')

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..errors import ReduceError
+from ...errors import ReduceError
 from .decompose import single_thread
 from .layers import FipsLinear
 

@@ -13,13 +13,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..discovery import MlpSite, resolve_groups
-from ..errors import ReduceError
-from ..fips.decompose import decompose_group, rank_for_budget
-from ..fips.layers import FipsBasis, FipsLinear
-from ..fips.sparsity import fips_layers, make_hooks, prune
-from ..hidden_units import input_linears
-from ..registry import register_strategy
+from ...core.discovery import MlpSite, resolve_groups
+from ...errors import ReduceError
+from .decompose import decompose_group, rank_for_budget
+from .layers import FipsBasis, FipsLinear
+from .sparsity import fips_layers, make_hooks, prune
+from ...core.hidden_units import input_linears
+from ...core.registry import register_strategy
 
 __all__ = ['FipsConfig', 'apply_fips', 'group_slices']
 

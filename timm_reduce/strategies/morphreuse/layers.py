@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ReduceError
+from ...errors import ReduceError
 
 __all__ = ['SharedLinear', 'MorphLinear', 'SharedCore', 'MorphCoreMlp']
 
@@ -49,6 +49,11 @@ class _SharedUser(nn.Module):
         depends on should add these.
         """
         return list(self.shared_module.parameters())
+
+    def referenced_parameters(self) -> list[nn.Parameter]:
+        """The shared parameters this layer uses without registering them (`core.protocol`): all of them for a
+        user that only references the shared module, none for its owner."""
+        return [] if self.is_owner else self.shared_parameters()
 
 
 class SharedLinear(nn.Module):

@@ -20,11 +20,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..discovery import resolve_groups
-from ..errors import ReduceError
-from ..hidden_units import input_linears
-from ..morphreuse_layers import MorphCoreMlp, MorphLinear, SharedCore, SharedLinear
-from ..registry import register_strategy
+from ...core.discovery import resolve_groups
+from ...errors import ReduceError
+from ...core.hidden_units import input_linears
+from .layers import MorphCoreMlp, MorphLinear, SharedCore, SharedLinear
+from ...core.registry import register_strategy
 
 __all__ = ['MorphReuseConfig', 'apply_morphreuse', 'lstsq_scale']
 
