@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from ..errors import ReduceError
+from .values import check_value
 
 __all__ = ['Strategy', 'register_strategy', 'get_strategy', 'list_strategies']
 
@@ -50,6 +52,8 @@ class Strategy:
         if unknown:
             raise ReduceError(
                 f'Unknown option(s) {", ".join(unknown)} for strategy {self.name!r}; allowed: {", ".join(allowed)}.')
+        for k, v in options.items():
+            check_value(v, f'Option {k} of strategy {self.name!r}')
         hints = typing.get_type_hints(self.config_cls)
         coerced = {k: _coerce(self.name, k, v, hints.get(k)) for k, v in options.items()}
         return self.config_cls(**coerced)
@@ -88,7 +92,8 @@ def _coerce(strategy: str, key: str, value: Any, hint: Any) -> Any:
             return value
         raise ReduceError(f'Option {key}={value!r} of strategy {strategy!r} must be true or false.')
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value:
             raise ReduceError(f'Option {key}={value!r} of strategy {strategy!r} must be an integer.')
         return int(value)
     if hint is float:

@@ -6,24 +6,28 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ReduceError
+from .values import loads_json
 
 __all__ = ['ReduceSpec', 'SPEC_FORMAT', 'parse_value', 'parse_recipe']
 
 SPEC_FORMAT = 1
-
-
 def parse_value(text: str) -> Any:
-    """Parse an option value typed on a command line: JSON where it is JSON (`2`, `0.5`, `[1,2]`, `true`), else the text."""
+    """Parse an option value typed on a command line: JSON where it is JSON (`2`, `0.5`, `[1,2]`, `true`), else the
+    text. A value that starts like a JSON list or object must be valid JSON."""
     stripped = text.strip()
     stripped = {'True': 'true', 'False': 'false', 'None': 'null'}.get(stripped, stripped)
+    if stripped[:1] in ('[', '{'):
+        return loads_json(stripped, f'value {stripped[:40]!r}')
     try:
-        return json.loads(stripped)
-    except json.JSONDecodeError:
+        json.loads(stripped)
+    except (json.JSONDecodeError, RecursionError):
         return text
+    return loads_json(stripped, f'value {stripped[:40]!r}')
 
 
 def _split_options(text: str) -> list[str]:
-    """Split `a=1,b=[1,2],c=x` on the commas that are not inside brackets."""
+    """Split `a=1,b=[1,2],c=x` on the commas that are not inside brackets; an empty item (`a=1,`, `a=1,,b=2`) is an
+    error rather than silently dropped."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(text):
         if ch in '[{(':
@@ -34,7 +38,13 @@ def _split_options(text: str) -> list[str]:
             parts.append(text[start:i])
             start = i + 1
     parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
+    parts = [p.strip() for p in parts]
+    if not text.strip():
+        return []
+    if not all(parts):
+        raise ReduceError(f'Empty option in {text!r}: options are key=value separated by single commas, with no '
+                          f'trailing comma.')
+    return parts
 
 
 @dataclass(frozen=True)
@@ -94,15 +104,13 @@ class ReduceSpec:
         options = data.get('options', {})
         if not isinstance(options, Mapping):
             raise ReduceError(f'Reduce spec options must be an object, got {options!r}.')
-        return cls(str(data['strategy']), dict(options))
+        if not isinstance(data['strategy'], str):
+            raise ReduceError(f'Reduce spec "strategy" must be a name, got {data["strategy"]!r}.')
+        return cls(data['strategy'], dict(options))
 
     @classmethod
     def from_json(cls, text: str) -> 'ReduceSpec':
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ReduceError(f'Reduce spec is not valid JSON: {e}') from e
-        return cls.from_dict(data)
+        return cls.from_dict(loads_json(text, 'Reduce spec'))
 
     def __str__(self) -> str:
         opts = ','.join(f'{k}={json.dumps(v)}' for k, v in self.options.items())
@@ -111,20 +119,22 @@ class ReduceSpec:
 
 def parse_recipe(value: Any) -> list[ReduceSpec]:
     """Normalise a spec, its text/JSON/dict form, or a list of those, to a list of ReduceSpec."""
-    if value is None:
+    return _parse_recipe(value, top=True)
+
+
+def _parse_recipe(value: Any, top: bool) -> list[ReduceSpec]:
+    if value is None and top:
         return []
     if isinstance(value, ReduceSpec):
         return [value]
     if isinstance(value, str):
         stripped = value.strip()
         if stripped.startswith('['):
-            try:
-                return parse_recipe(json.loads(stripped))
-            except json.JSONDecodeError as e:
-                raise ReduceError(f'Reduce recipe is not valid JSON: {e}') from e
+            return _parse_recipe(loads_json(stripped, 'Reduce recipe'), top)
         return [ReduceSpec.parse(stripped)]
     if isinstance(value, Mapping):
         return [ReduceSpec.from_dict(value)]
-    if isinstance(value, (list, tuple)):
-        return [s for item in value for s in parse_recipe(item)]
-    raise ReduceError(f'Cannot read a reduce spec from {type(value).__name__}: {value!r}.')
+    if isinstance(value, (list, tuple)) and top:  # one level: a list of specs, never a list of lists
+        return [s for item in value for s in _parse_recipe(item, top=False)]
+    raise ReduceError(f'Cannot read a reduce spec from {type(value).__name__}: {str(value)[:80]!r}; expected a spec '
+                      f'text, a spec object or one list of those.')

@@ -9,20 +9,22 @@ from ..errors import ReduceError
 from ..core.hidden_units import rebuild_units
 from ..core.registry import register_strategy
 
+MAX_MLP_RATIO = 64.0  # timm's widest MLPs use about 5; far beyond that is a typo that would allocate gigabytes
+
 
 @dataclass
 class ThinConfig:
     """Options of `thin`.
 
     Attributes:
-        mlp_ratio: hidden width / embedding width of every MLP (> 0). 2.0 halves a ViT's usual 4.0.
+        mlp_ratio: hidden width / embedding width of every MLP, in (0, 64]. 2.0 halves a ViT's usual 4.0.
     """
 
     mlp_ratio: float = 2.0
 
     def __post_init__(self) -> None:
-        if not self.mlp_ratio > 0:
-            raise ReduceError(f'thin: mlp_ratio must be > 0, got {self.mlp_ratio}.')
+        if not 0 < self.mlp_ratio <= MAX_MLP_RATIO:
+            raise ReduceError(f'thin: mlp_ratio must be > 0 and at most {MAX_MLP_RATIO:g}, got {self.mlp_ratio}.')
 
 
 def _creation_kwargs(config: ThinConfig) -> dict:
