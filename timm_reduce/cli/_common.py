@@ -32,6 +32,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help='timm model kwargs, e.g. num_classes=10 img_size=32')
 
 
+def looks_like_path(source: str) -> bool:
+    """True for text that can only be meant as a path (timm model names hold no separator and no leading dot)."""
+    return os.sep in source or '/' in source or source.startswith(('.', '~'))
+
+
 def is_saved_folder(source: str) -> bool:
     return os.path.isdir(source) and os.path.isfile(os.path.join(source, 'config.json'))
 
@@ -63,6 +68,9 @@ def load_model(source: str | None, pretrained: bool = False, checkpoint: str | N
         model = load_pretrained(source, **kwargs)
     elif os.path.exists(source):
         raise ReduceError(f'{source} is not a folder written by save_pretrained (no config.json in it).')
+    elif looks_like_path(source):
+        raise ReduceError(f'{source} does not exist (expected a folder written by save_pretrained, or a timm model '
+                          f'name such as vit_small_patch16_224).')
     else:
         if not timm.is_model(source):
             raise ReduceError(f'Unknown timm model {source!r} (see timm.list_models()).')

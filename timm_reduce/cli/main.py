@@ -29,13 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_text(error: OSError) -> str:
+    if error.strerror and error.filename:
+        return f'{error.strerror}: {error.filename}'
+    return str(error) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(levelname)s %(message)s')
     try:
         return int(args.func(args) or 0)
-    except (ReduceError, FileNotFoundError) as e:
+    except ReduceError as e:
         print(f'timm-reduce {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except OSError as e:  # read-only folder, disk full, a file where a folder is expected, ...
+        print(f'timm-reduce {args.command}: error: {_os_error_text(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f'timm-reduce {args.command}: interrupted', file=sys.stderr)
