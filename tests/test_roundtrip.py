@@ -199,8 +199,8 @@ def test_checkpoints_are_never_unpickled(tmp_path):
 
     path = tmp_path / 'evil.pth'
     torch.save({'state_dict': {'w': torch.zeros(1)}, 'x': _Payload()}, path)
-    with pytest.raises(ReduceError, match='weights_only'):
-        read_weights(path)
+    with pytest.raises(ReduceError, match=r'safely: it is a pickle that needs Python object (posix|nt|os)\.system'):
+        read_weights(path)  # in our words: torch's advice to retry with weights_only=False never reaches users
     assert not os.path.exists('PWNED_BY_PICKLE') and not (tmp_path / 'PWNED_BY_PICKLE').exists()
     good = tmp_path / 'good.pth'
     torch.save({'state_dict': {'module.w': torch.ones(2)}, 'epoch': 3}, good)

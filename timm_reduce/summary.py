@@ -17,10 +17,27 @@ __all__ = ['summary', 'format_summary', 'count_macs', 'model_input_size', 'store
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model takes now (after any img_size override), from timm's model traits."""
-    from timm.models import get_model_input_config
+    """(C, H, W) the model takes now (after any img_size override), from timm's model traits; for a model timm did
+    not create (built from its class: no traits, no `pretrained_cfg`), from the model itself (`patch_embed.img_size`,
+    its input channels) instead of timm's 224 default."""
+    from timm.models import get_model_input_config, get_model_traits
 
-    return tuple(get_model_input_config(model)['input_size'])
+    size = tuple(get_model_input_config(model)['input_size'])
+    known = get_model_traits(model).get('img_size') is not None or 'input_size' in (
+        getattr(model, 'pretrained_cfg', None) or {})
+    return size if known else _own_input_size(model) or size
+
+
+def _own_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) from the model's patch embedding (ViT, DeiT, Swin, EVA, BEiT, ...), or None if it has none."""
+    embed = getattr(model, 'patch_embed', None)
+    img_size = getattr(embed, 'img_size', None) or getattr(model, 'img_size', None)
+    if img_size is None:
+        return None
+    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    proj = getattr(embed, 'proj', None)
+    channels = getattr(proj, 'in_channels', None) or getattr(model, 'in_chans', None) or 3
+    return (int(channels), *(int(v) for v in hw[-2:]))
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, ...] | None = None) -> int:

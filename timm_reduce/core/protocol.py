@@ -10,16 +10,39 @@ functions below, never through a strategy's own names:
     materialize() -> nn.Module           a plain module computing the same function
     referenced_parameters() -> list      parameters your forward pass uses that another module registers (a shared bank
                                          this layer only points to); `summary()` counts them once per use
+    describe_stored(prefix, layout)      what `encode_state_dict` writes, known without the data (names, dtypes, shapes
+                                         or bounds as `StoredTensor`): a loader checks a file's header against it
+                                         before it allocates anything
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-__all__ = ['Describes', 'CompactState', 'Materializes', 'ReferencesShared', 'layer_rows', 'referenced_parameters',
-           'encode_compact', 'decode_compact']
+__all__ = ['Describes', 'CompactState', 'DescribesStorage', 'StoredTensor', 'Materializes', 'ReferencesShared',
+           'layer_rows', 'referenced_parameters', 'encode_compact', 'decode_compact', 'describe_compact']
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One entry of a stored state, known without its data.
+
+    Attributes:
+        dtype: the dtype the entry is stored in.
+        shape: its exact shape; None for a 1-D entry of data-dependent length (at most `max_numel` entries).
+        max_numel: the bound on a data-dependent length.
+        exact_dtype: the dtype must match exactly (otherwise any floating dtype stands for a floating one).
+        optional: the entry may be absent.
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...] | None = None
+    max_numel: int | None = None
+    exact_dtype: bool = False
+    optional: bool = False
 
 
 @runtime_checkable
@@ -32,6 +55,11 @@ class CompactState(Protocol):
     def encode_state_dict(self, prefix: str, state: dict[str, torch.Tensor]) -> None: ...
 
     def decode_state_dict(self, prefix: str, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@runtime_checkable
+class DescribesStorage(Protocol):
+    def describe_stored(self, prefix: str, layout: dict[str, StoredTensor]) -> None: ...
 
 
 @runtime_checkable
@@ -67,3 +95,17 @@ def decode_compact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for prefix, module in model.named_modules():
         if isinstance(module, CompactState):
             module.decode_state_dict(f'{prefix}.' if prefix else '', state)
+
+
+def describe_compact(model: nn.Module, layout: dict[str, StoredTensor]) -> list[str]:
+    """`encode_compact` on a layout instead of data, in place. Returns the prefixes of compact layers that do not
+    describe their stored form (their entries cannot be checked before loading)."""
+    opaque = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, CompactState):
+            dotted = f'{prefix}.' if prefix else ''
+            if isinstance(module, DescribesStorage):
+                module.describe_stored(dotted, layout)
+            else:
+                opaque.append(dotted)
+    return opaque

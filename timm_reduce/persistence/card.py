@@ -20,7 +20,7 @@ CARD_NAME = 'README.md'
 CARD_MARKER = '<!-- timm_reduce:model-card -->'
 # keys of config.json's `timm_reduce` block written by timm_reduce itself; any other key is user metadata
 BLOCK_KEYS = ('version', 'timm_version', 'torch_version', 'unique_params', 'base', 'recipe', 'params_before',
-              'mlp_params_before', 'unique_params_before', 'bytes_before', 'dense')
+              'mlp_params_before', 'unique_params_before', 'bytes_before', 'dense', 'dtype')
 # user metadata keys the card renders in their own place; others are listed under "Other metadata"
 _CARD_KEYS = ('description', 'license', 'base_model', 'datasets', 'calibration_data', 'accuracy')
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.protocol import decode_compact, encode_compact
+from ..core.protocol import StoredTensor, decode_compact, describe_compact, encode_compact
 from ..core.sharing import alias_map
 
-__all__ = ['encode_state', 'decode_state']
+__all__ = ['encode_state', 'decode_state', 'stored_layout']
 
 
 def encode_state(model: nn.Module, for_disk: bool = True) -> dict[str, torch.Tensor]:
@@ -42,3 +42,17 @@ def decode_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
         if alias not in state and canonical in state:
             state[alias] = state[canonical]
     return state
+
+
+def stored_layout(model: nn.Module) -> tuple[dict[str, StoredTensor], dict[str, str], list[str]]:
+    """What `encode_state(model)` writes, known without data (works on the meta device).
+
+    Returns:
+        (layout, aliases, opaque): `{stored key: StoredTensor}`; the state_dict aliases `{alias: canonical}` that are
+        not stored; the prefixes of compact layers that do not describe their stored form.
+    """
+    state = model.state_dict(keep_vars=True)  # the tensors themselves: on meta, sharing is only visible by identity
+    aliases = alias_map(state)
+    layout = {k: StoredTensor(t.dtype, tuple(t.shape)) for k, t in state.items() if k not in aliases}
+    opaque = describe_compact(model, layout)
+    return layout, aliases, opaque

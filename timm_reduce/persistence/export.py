@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import tempfile
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.api import materialize
 from ..errors import ReduceError
+from .files import new_temp_file
 
 __all__ = ['ExportResult', 'export_model', 'EXPORT_FORMATS']
 
@@ -153,9 +154,8 @@ def export_model(
         model.train(was_training)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f'.{output.name}.', suffix='.tmp', dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = new_temp_file(output.parent, output.name)  # mode 0o666 & ~umask, as open() gives (mkstemp: 0600)
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         with torch.no_grad():
             if format == 'onnx':
@@ -171,6 +171,7 @@ def export_model(
         if not diff <= atol:
             raise ReduceError(f'The {format} export differs from the PyTorch model by up to {diff:.3g} '
                               f'(allowed {atol:g}); {output} was not written.')
+        os.chmod(tmp, mode)  # an exporter that writes a new file in its place would leave its own mode
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)

@@ -82,6 +82,22 @@ def load_folder(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), json.loads((Path(folder) / CONFIG_NAME).read_text())
 
 
+def _refuse_non_finite_file(path: Path) -> None:
+    """Refuse a weights file holding NaN or infinite values (read one tensor at a time), naming the tensors."""
+    from safetensors import safe_open
+
+    bad = []
+    with safe_open(str(path), framework='pt', device='cpu') as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f'{key} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)')
+    if bad:
+        raise ReduceError(f'Refusing to push {path.parent}: {path.name} holds NaN or infinite values in '
+                          f'{", ".join(bad[:3])}{f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""}. '
+                          'Nothing was sent. Repair the weights and save the model again.')
+
+
 def _max_output_diff(reference: nn.Module, loaded: nn.Module) -> float:
     from ..summary import model_input_size
 
@@ -178,11 +194,12 @@ def push_folder(
 
     Raises:
         HubError: invalid repo id, no token, the Hub refused or the network failed (nothing committed).
-        ReduceError: the folder is not a loadable saved model.
+        ReduceError: the folder is not a loadable saved model, or its weights hold NaN or infinite values.
     """
     check_repo_id(repo_id)
     folder = Path(folder)
     model, config = load_folder(folder)
+    _refuse_non_finite_file(folder / WEIGHTS_NAME)
     token = _require_token(token)
     card = None
     existing = folder / CARD_NAME

@@ -9,6 +9,7 @@ de-duplicated tensors, as for `grouped`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...core.protocol import StoredTensor
 
 _logger = logging.getLogger(__name__)
 
@@ -121,9 +124,13 @@ class FipsLinear(nn.Module):
         The mask is applied to the value only: the gradient still reaches every entry (RigL regrows by that dense
         gradient; the sparsity hooks zero it for masked entries). So a training loop without the hooks can never
         make the layer compute something its compact saved form (unmasked values only) does not store.
+
+        On an accelerator the masking always runs (two small elementwise kernels): asking whether the mask is
+        full would copy a flag to the host and stall the device queue in every forward of every layer. With a full
+        mask the result is the factor exactly (x - 0 = x).
         """
         factor = self.factor
-        if not bool(self.mask.all()):
+        if factor.device.type != 'cpu' or not bool(self.mask.all()):
             factor = factor - (factor * ~self.mask).detach()
         return factor if self.scale is None else factor * self.scale
 
@@ -143,10 +150,15 @@ class FipsLinear(nn.Module):
         self._cache = None
 
     def cached_weight(self) -> torch.Tensor:
-        """The dense weight, computed once per parameter version (no autograd)."""
+        """The dense weight, computed once per parameter version (no autograd).
+
+        Always in the parameters' dtype, also when first asked for under autocast: a half-precision weight cached
+        there would break (dtype mismatch) or silently degrade every later float32 call. Under autocast F.linear
+        casts it per call, as it does a plain nn.Linear's weight.
+        """
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            with torch.no_grad(), _no_autocast(self.factor.device):
                 self._cache = (key, self.dense_weight())
         return self._cache[1]
 
@@ -221,22 +233,61 @@ class FipsLinear(nn.Module):
             state[prefix + 'factor.bits'] = pack_bits(mask)
 
     def decode_state_dict(self, prefix: str, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of `encode_state_dict`; a state that already holds `factor` is left alone."""
+        """Inverse of `encode_state_dict`; a state that already holds `factor` is left alone.
+
+        The compact form is validated first, nothing is cast: `factor.values` must be 1-D in exactly this layer's
+        `storage_dtype`; `factor.bits` uint8 of exactly ceil(numel / 8) bytes, its padding bits zero and as many bits
+        set as values are stored; without bits, one value per factor entry. A ReduceError names the tensor.
+        """
+        from ...errors import ReduceError
+
         values = state.pop(prefix + 'factor.values', None)
         if values is None:
             return
         bits = state.pop(prefix + 'factor.bits', None)
         shape = self.factor.shape
-        mask = unpack_bits(bits, shape) if bits is not None else torch.ones(shape, dtype=torch.bool)
-        mask = mask.to(values.device)
-        if int(mask.sum()) != values.numel():
-            from ...errors import ReduceError
+        numel = shape.numel()
+        where = f'{prefix}factor.values'
 
-            raise ReduceError(f'{prefix}factor: the stored mask has {int(mask.sum())} entries but '
-                              f'{values.numel()} values are stored; the file is corrupt or from another model.')
+        def refuse(what: str) -> ReduceError:
+            return ReduceError(f'{what}; the file is corrupt, edited or from another model (the {tuple(shape)} '
+                               f'factor of this layer is stored as {self.storage_dtype} values plus a uint8 bit mask).')
+
+        if values.dtype != self.storage_dtype:
+            raise refuse(f'{where} is stored as {values.dtype}, but this layer stores its factor as '
+                         f'{self.storage_dtype} (storage_dtype of its recipe); nothing is cast on load')
+        if values.dim() != 1:
+            raise refuse(f'{where} has shape {tuple(values.shape)}, not 1-D')
+        if bits is None:
+            if values.numel() != numel:
+                raise refuse(f'{where} holds {values.numel()} values and no {prefix}factor.bits mask is stored, so '
+                             f'the factor is dense and needs exactly {numel}')
+            mask = torch.ones(shape, dtype=torch.bool, device=values.device)
+        else:
+            bits_name, nbytes = f'{prefix}factor.bits', (numel + 7) // 8
+            if bits.dtype != torch.uint8:
+                raise refuse(f'{bits_name} is stored as {bits.dtype}, not torch.uint8')
+            if bits.dim() != 1 or bits.numel() != nbytes:
+                raise refuse(f'{bits_name} has shape {tuple(bits.shape)}; a mask of {numel} entries packs into '
+                             f'exactly ({nbytes},) bytes')
+            flat = ((bits.reshape(-1, 1) & _BIT_WEIGHTS.to(bits.device)) != 0).reshape(-1)
+            if bool(flat[numel:].any()):
+                raise refuse(f'{bits_name} sets padding bits beyond the {numel} mask entries')
+            mask = flat[:numel].reshape(shape).to(values.device)
+            if int(mask.sum()) != values.numel():
+                raise refuse(f'{bits_name} marks {int(mask.sum())} entries but {where} holds {values.numel()} values')
         factor = torch.zeros(shape, dtype=self.factor.dtype, device=values.device)
         state[prefix + 'factor'] = factor.masked_scatter(mask, values.to(self.factor.dtype))
         state[prefix + 'mask'] = mask
+
+    def describe_stored(self, prefix: str, layout: dict[str, StoredTensor]) -> None:
+        """`encode_state_dict` without data: the entries, dtypes and sizes a loader checks before allocating."""
+        layout.pop(prefix + 'factor', None)
+        layout.pop(prefix + 'mask', None)
+        numel = self.factor.shape.numel()
+        layout[prefix + 'factor.values'] = StoredTensor(self.storage_dtype, max_numel=numel, exact_dtype=True)
+        layout[prefix + 'factor.bits'] = StoredTensor(torch.uint8, ((numel + 7) // 8,), exact_dtype=True,
+                                                      optional=True)
 
     def summary_info(self) -> dict[str, Any]:
         active = self.active
@@ -251,6 +302,13 @@ class FipsLinear(nn.Module):
         return (f'in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, '
                 f'bias={self.bias is not None}, scale={self.scale is not None}, '
                 f'{"transposed" if self.transposed else "direct"}')
+
+
+def _no_autocast(device: torch.device) -> Any:
+    """Autocast switched off for `device` (a no-op context where autocast does not exist, e.g. meta)."""
+    if device.type in ('cpu', 'cuda', 'xpu'):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @functools.cache
