@@ -40,20 +40,46 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
-    AverageMeter, CheckpointSaver, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad, random_seed,
+    AverageMeter, CheckpointSaver, NativeScaler, accuracy, dispatch_clip_grad, random_seed,
     reduce_tensor, setup_default_logging, update_summary,
 )
 from timm_reduce.persistence.entrypoint import build_reduced
 from timm_reduce.errors import ReduceError
+from timm_reduce.evaluate import SPLIT_SYNONYMS, find_split
 from timm_reduce.persistence.serialization import load_reduced_state
 from timm_reduce.summary import model_input_size
 from timm_reduce.core.hooks import RecipeHooks, recipe_hooks
 from timm_reduce.training import (
-    DistInfo, SharedEma, checkpoint_recipe, checkpoint_state, init_distributed, load_training_checkpoint,
+    DistInfo, KeyValueArgs, SharedEma, checkpoint_recipe, checkpoint_state, init_distributed, load_training_checkpoint,
     param_report, patch_timm_posterize, read_model_weights, recipe_from_flags, recipe_to_text,
 )
 
 _logger = logging.getLogger('train')
+
+
+class AmpScaler(NativeScaler):
+    """timm's NativeScaler (fp16 loss scaling, same checkpoint key) with a hook between unscaling and the step.
+
+    timm's `NativeScaler.__call__` runs backward, clipping and `optimizer.step()` in one call and unscales only when
+    clipping, which leaves no place for the strategies' `after_backward` hook (FiPS: zero the gradients of masked
+    factor entries; RigL: read the dense gradient). Here the gradients are always unscaled first (as
+    `GradScaler.step` would do anyway; the docs' recipe for working with unscaled gradients), then `before_step`,
+    clipping and the scaler's step run on true gradients; a step whose gradients hold inf/NaN is still skipped.
+    """
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: float | None = None,
+                 clip_mode: str = 'norm', parameters: Any = None, create_graph: bool = False,
+                 need_update: bool = True, before_step: Callable[[], None] | None = None) -> None:
+        self._scaler.scale(loss).backward(create_graph=create_graph)
+        if not need_update:
+            return
+        self._scaler.unscale_(optimizer)
+        if before_step is not None:
+            before_step()
+        if clip_grad is not None:
+            dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
+        self._scaler.step(optimizer)
+        self._scaler.update()
 
 
 class TrainError(Exception):
@@ -93,7 +119,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='pixel mean override')
     g.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='pixel std override')
     g.add_argument('--interpolation', default='', help='resize interpolation override')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='key=value kwargs for the model')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=KeyValueArgs, help='key=value kwargs for the model')
     g.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per process')
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None, help='validation batch size')
     g.add_argument('--grad-accum-steps', type=int, default=1, help='micro-batches per optimizer step')
@@ -108,7 +134,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--reduction-mlp-ratio', type=float, default=None,
                    help='the seed\'s per-strategy number: thin: mlp_ratio; shallow: fraction kept; '
                         'grouped: init scale (0.707 = 1/sqrt 2). No default')
-    g.add_argument('--reduction-kwargs', nargs='*', default={}, action=ParseKwargs,
+    g.add_argument('--reduction-kwargs', nargs='*', default={}, action=KeyValueArgs,
                    help='further strategy options key=value, e.g. group_size=3 importance=first')
     g.add_argument('--reduction-spec', default=None,
                    help='whole recipe: spec text "grouped:group_size=2", JSON object/list, or a JSON file')
@@ -122,7 +148,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (off by default)')
     g.add_argument('--clip-mode', default='norm', help='norm, value or agc')
     g.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
-    g.add_argument('--opt-kwargs', dest='opt_args', nargs='*', default=None, action=ParseKwargs,
+    g.add_argument('--opt-kwargs', dest='opt_args', nargs='*', default=None, action=KeyValueArgs,
                    help='extra optimizer kwargs key=value')
 
     g = p.add_argument_group('Learning rate schedule')
@@ -272,18 +298,15 @@ def load_initial_checkpoint(model: nn.Module, path: str, recipe: list) -> None:
 # ----------------------------------------------------------------------------------------------- data
 
 
-_SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
-
-
 def _split_root(data_dir: str, dataset: str, split: str) -> tuple[str, str]:
     """(root, split) for create_dataset. A folder/tar split must exist under the data dir, under its name or, like
-    timm, a synonym (`validation` finds `val/`)."""
+    timm, a synonym (`validation` finds `val/`), as a folder or a .tar (`train` finds `train.tar`)."""
     if dataset:  # torch/, hfds/, wds/ ... readers resolve splits themselves
         return data_dir, split
-    names = [split, *next((group for group in _SPLIT_SYNONYMS if split in group), ())]
-    for name in names:
-        if os.path.exists(os.path.join(data_dir, name)):
-            return os.path.join(data_dir, name), split
+    found = find_split(data_dir, split)
+    if found is not None:
+        return found, split
+    names = [split, *next((group for group in SPLIT_SYNONYMS if split in group), ())]
     listing = ', '.join(sorted(os.listdir(data_dir))[:10]) or '(empty)'
     raise TrainError(f'Split {split!r} not found in {data_dir} (looked for {", ".join(dict.fromkeys(names))}); it '
                      f'holds: {listing}. Pass --train-split / --val-split (--val-split "" skips validation).')
@@ -354,7 +377,7 @@ def train_one_epoch(
         *,
         lr_scheduler: Any,
         amp_autocast: Callable[[], Any],
-        loss_scaler: NativeScaler | None,
+        loss_scaler: AmpScaler | None,
         model_ema: SharedEma | None,
         ema_target: nn.Module,
         mixup_fn: Mixup | None,
@@ -393,10 +416,10 @@ def train_one_epoch(
             with amp_autocast():
                 loss = loss_fn(model(inputs), target)
             scaled = loss / group_size
-            if loss_scaler is not None:
-                # the scaler steps inside: hooks only re-apply masks (weights and moments) after the step
+            if loss_scaler is not None:  # unscale -> hooks -> clip -> step (skipped on inf/NaN gradients)
+                before_step = None if hooks is None else (lambda: hooks.after_backward(num_updates))
                 loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=model.parameters(), need_update=last_in_group)
+                            parameters=model.parameters(), need_update=last_in_group, before_step=before_step)
             else:
                 scaled.backward()
                 if last_in_group:
@@ -477,12 +500,12 @@ def _resolve_lr(args: argparse.Namespace, world_size: int) -> None:
     _logger.info(f'lr {args.lr:.3e} = lr-base {args.lr_base} x ({scale} of {global_batch}/{args.lr_base_size}).')
 
 
-def _amp(args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], Any], NativeScaler | None]:
+def _amp(args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], Any], AmpScaler | None]:
     if not args.amp:
         return contextlib.nullcontext, None
     dtype_name = args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')
     dtype = getattr(torch, dtype_name)
-    scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
+    scaler = AmpScaler(device=device.type) if dtype == torch.float16 else None
 
     def autocast() -> Any:
         return torch.autocast(device_type=device.type, dtype=dtype)
@@ -499,6 +522,10 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
     """
     if not args.data_dir:
         raise TrainError('No data directory given: pass it as the first argument (or --data-dir).')
+    if not args.dataset and os.path.isfile(args.data_dir):
+        folder, name = os.path.split(os.path.abspath(args.data_dir))
+        raise TrainError(f'DATA must be the folder that holds the splits, not a file: pass {folder} with '
+                         f'--train-split {os.path.splitext(name)[0]} (and --val-split for validation).')
     if not args.dataset and not os.path.isdir(args.data_dir):
         raise TrainError(f'Data directory {args.data_dir} does not exist.')
     _check_model_name(args.model)
@@ -517,6 +544,7 @@ def run(args: argparse.Namespace, args_text: str, dist_info: DistInfo) -> nn.Mod
     # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     random_seed(args.seed, 0)
     model = create_reduced_model(args, recipe)
+    timm_reduce.persistence.serialization.check_saveable(model)  # model/ is saved at the end: refuse now
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args.initial_checkpoint, recipe)
     random_seed(args.seed, dist_info.rank)  # augmentation and mixup draws differ per rank
@@ -719,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, ReduceError) as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print('train.py: interrupted (the last saved checkpoint can be passed to --resume).', file=sys.stderr)
+        return 130
     except RuntimeError as e:
         if dist_info is None or not dist_info.distributed or not _is_collective_failure(e):
             raise

@@ -84,7 +84,7 @@ def test_cli_checkpoint_then_reduce(tmp_path, capsys):
     (['reduce', '--model', 'no_such_model', '--strategy', 'grouped', '--output', 'o'], 'Unknown timm model'),
     (['reduce', '--model', 'vit_tiny_patch16_224', '--strategy', 'shallow', '--set', 'keep=2', '--output', 'o'],
      '(0, 1]'),
-    (['info', '/nonexistent/dir/x'], 'Unknown timm model'),
+    (['info', '/nonexistent/dir/x'], '/nonexistent/dir/x does not exist'),  # a path, not a model name (issue 14)
     (['eval', 'vit_tiny_patch16_224', '--data', '/nonexistent'], 'does not exist'),
 ])
 def test_cli_errors_are_readable(argv, fragment, capsys, tmp_path, monkeypatch):

@@ -5,6 +5,8 @@ Used by the project's `train.py`; the library itself never imports that script.
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import logging
 import os
@@ -26,7 +28,7 @@ from .core.spec import ReduceSpec, parse_recipe
 __all__ = [
     'MLP_RATIO_MEANING', 'recipe_from_flags', 'recipe_to_text', 'SharedEma', 'load_training_checkpoint',
     'checkpoint_recipe', 'checkpoint_state', 'read_model_weights', 'DistInfo', 'init_distributed', 'param_report',
-    'patch_timm_posterize',
+    'patch_timm_posterize', 'KeyValueArgs',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -291,3 +293,20 @@ def param_report(model: nn.Module) -> dict[str, int]:
         'unique_params': count_unique(model),
     }
 
+
+class KeyValueArgs(argparse.Action):
+    """`--flag a=1 b=x` -> `{'a': 1, 'b': 'x'}` (values as Python literals where they are, else text, like timm's
+    ParseKwargs), with a usage error naming the item when one is not `key=value`."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        out = {}
+        for item in values or []:
+            key, sep, text = item.partition('=')
+            if not sep or not key.strip():
+                raise argparse.ArgumentError(self, f'expected KEY=VALUE items, got {item!r} (e.g. group_size=2).')
+            try:
+                out[key.strip()] = ast.literal_eval(text)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                out[key.strip()] = text
+        setattr(namespace, self.dest, out)

@@ -53,7 +53,7 @@ class Strategy:
             raise ReduceError(
                 f'Unknown option(s) {", ".join(unknown)} for strategy {self.name!r}; allowed: {", ".join(allowed)}.')
         for k, v in options.items():
-            check_value(v, f'Option {k} of strategy {self.name!r}')
+            check_value(v, f'{self.name}: {k}')
         hints = typing.get_type_hints(self.config_cls)
         coerced = {k: _coerce(self.name, k, v, hints.get(k)) for k, v in options.items()}
         return self.config_cls(**coerced)

@@ -32,7 +32,7 @@ def check_value(value: Any, what: str) -> None:
     while stack:
         item, depth = stack.pop()
         if isinstance(item, float) and not math.isfinite(item):
-            raise ReduceError(f'{what}: {item!r} is not allowed; every number must be finite.')
+            raise ReduceError(f'{what} must be a finite number, got {item!r}.')
         children = list(item.values()) if isinstance(item, Mapping) else item if isinstance(item, (list, tuple)) else ()
         if children and depth >= MAX_NESTING:
             raise ReduceError(f'{what} is nested too deeply (at most {MAX_NESTING} levels are allowed).')
