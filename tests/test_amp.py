@@ -202,10 +202,10 @@ def test_fp16_loses_no_step_to_overflowing_gradients(monkeypatch):
 
 
 def test_fp16_overflow_at_every_scale_is_a_clear_error(monkeypatch):
-    from timm_reduce.calibration import engine
+    from timm_reduce.calibration import run
 
     _huge_initial_scale(monkeypatch, 2. ** 120)
-    monkeypatch.setattr(engine, '_FP16_RETRIES', 3)
+    monkeypatch.setattr(run, '_FP16_RETRIES', 3)
     with pytest.raises(timm_reduce.ReduceError, match="overflow float16 even at loss scale .*Use amp='bf16'"):
         _compress(amp='fp16')
 

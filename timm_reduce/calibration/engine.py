@@ -22,41 +22,50 @@ width `d_i` and MLP hidden width `h_i`, `P` trainable parameters, `s` = 2 for `c
                                                              student block's graph is freed by its backward)
 
 plus the attention's transient score matrices of one block, and, in `compress()`, a teacher copy of the model
-(4 bytes per parameter). With `cache='none'` (default) the teacher forward is recomputed every step: memory is
-independent of the number of blocks and batches, at the price of one extra teacher forward per step (~1/3 of a
-step's compute). `estimate_memory()` evaluates the formula; the report carries it.
+(4 bytes per parameter). With `cache='none'` the teacher forward is recomputed every step: memory is independent
+of the number of blocks and batches, at the price of one extra teacher forward per step (~1/3 of a step's compute).
+`cache='auto'` (default) takes the fp32 cache when its term fits `cache_limit_gb`, else bf16, else none (the fp32
+cache gives the same weights as recomputation). With `distill_epochs` the activations term becomes that of the
+whole model, `4 * B * sum_i T_i * (4 * h_i + 16 * d_i)` (every block's graph at once, attention scores not
+counted). `estimate_memory()` evaluates the formula; the report carries it.
+
+Distillation (`distill_epochs` > 0): after the block-wise epochs, the same parameters are trained end to end on
+the same batches to match the teacher's output (logits: temperature-scaled KL, optional cross-entropy on the
+targets; a model without a classifier: output MSE), with a fresh AdamW and cosine schedule. The teacher's outputs
+are computed once. The strategy hooks keep running with their steps numbered on past the block-wise
+`total_steps` (FiPS masks stay at the final sparsity) and are given the new optimizer (`use_optimizer`).
+
+Mixed precision (`amp='bf16' | 'fp16'`): the teacher and student forwards of the training steps run under
+`torch.autocast` on the model's device (the error measurements do not), the backward outside it (PyTorch's AMP
+recipe); weights, gradients, AdamW state and the loss stay float32. fp16 scales the loss with a GradScaler; its
+gradients are unscaled before the strategy hooks run, so FiPS masks and RigL's dense gradient see true values, and
+a batch whose scaled gradients overflow is redone at the halved scale (no step is lost to the scaler). The
+activation terms of the memory formula then halve.
 
 Distributed: when `torch.distributed` is initialised, rank `r` of `W` takes batches `r, r + W, ...` (the first
 `W * (N // W)` batches), gradients are averaged with one all-reduce per step, and after every epoch the masks of
 the calibration hooks and the trainable weights are compared across ranks (a hash, all-gathered): a difference
-raises. Only rank 0 writes checkpoints.
+raises. Only rank 0 writes checkpoints. Under NCCL the bookkeeping tensors of these collectives live on the GPU.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import math
-import time
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.api import as_spec, reduce
 from ..core.discovery import MlpSite, find_mlp_sites
-from ..core.hooks import RecipeHooks, recipe_hooks
-from ..core.registry import get_strategy
+from ..core.hooks import RecipeHooks
 from ..core.sharing import unique_tensors
-from ..core.spec import ReduceSpec
 from ..errors import ReduceError
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .config import REPORT_ATTR, CalibrationConfig, CalibrationReport, estimate_memory
-from .data import collect_batches
-from .distributed import check_identical, rank_and_world, tensor_hash
+from .config import CalibrationConfig
+from .distributed import collective_device
 
-__all__ = ['calibrate', 'compress']
+__all__ = ['Engine', 'lr_lambda', 'make_optimizer', 'AMP_DTYPES']
 
 _logger = logging.getLogger(__name__)
 
@@ -68,7 +77,17 @@ class _StopForward(Exception):
     """Raised from the last block's hook: the rest of the teacher forward is not needed."""
 
 
-class _Engine:
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def _grad_scaler(device: torch.device) -> Any:
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (AttributeError, TypeError):  # torch < 2.3: only the CUDA one
+        return torch.cuda.amp.GradScaler()
+
+
+class Engine:
     """The state of one calibration run: student/teacher blocks, held batches, optimizer, schedule, hooks."""
 
     def __init__(self, model: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], config: CalibrationConfig,
@@ -88,8 +107,35 @@ class _Engine:
             raise ReduceError('calibration: the model\'s MLPs have no parameters to train.')
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
+        self.amp_dtype = AMP_DTYPES.get(config.amp) if config.amp else None
+        if self.amp_dtype is not None and self.dtype != torch.float32:
+            raise ReduceError(f'calibration: amp={config.amp!r} needs float32 parameters (autocast computes in '
+                              f'{config.amp} from float32 weights); the MLPs hold {self.dtype}. Pass amp=None.')
+        self.scaler = _grad_scaler(self.device) if config.amp == 'fp16' else None
+        self.full_precision = False  # set while `evaluate` measures: no autocast then
+        self.comm_device = collective_device(self.device) if world > 1 else torch.device('cpu')
         self.cache: list[list[tuple]] | None = None
+        self.cache_mode = 'none' if config.cache == 'auto' else config.cache  # resolved by `_run`
+        self.targets: list[torch.Tensor | None] | None = None  # class indices per batch (distill_ce_weight > 0)
+        self.teacher_out: list[torch.Tensor] | None = None  # the teacher's outputs per batch (distillation)
+        self.logits = True  # the model outputs logits (it has a classifier): distillation by KL, else by MSE
+        self.eval_count = len(batches)  # local batches the before/after errors are measured on
+        self.nonfinite: tuple[str, float] | None = None  # (what, loss) of the last step, when not finite
+        self.nonfinite_elsewhere = False  # another rank's last step had a non-finite loss
+        self.data_digest: str | None = None  # SHA-256 of the calibration batches (for checkpoints)
         self.block_shapes: list[tuple[int, int, int, bool]] = []
+
+    def autocast(self) -> Any:
+        """The forward's precision context: autocast to `amp` on the model's device, or nothing."""
+        if self.amp_dtype is None or self.full_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def no_autocast(self) -> Any:
+        """Backward runs outside autocast (the AMP recipe: backward ops take the forward's dtypes anyway)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
 
     # ----------------------------------------------------------------------------------------------- modes
     def set_modes(self) -> None:
@@ -116,7 +162,7 @@ class _Engine:
 
         handles = [b.register_forward_hook(make(i), with_kwargs=True) for i, b in enumerate(self.teacher_blocks)]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 self.teacher(images.to(self.device, self.dtype))
         except _StopForward:
             pass
@@ -129,7 +175,7 @@ class _Engine:
 
         A block whose input is the previous block's output (a plain sequence of blocks) stores no input of its own.
         """
-        dtype = {'bf16': torch.bfloat16, 'fp32': torch.float32}[self.config.cache]
+        dtype = {'bf16': torch.bfloat16, 'fp32': torch.float32}[self.cache_mode]
         self.cache = []
         for images in self.batches:
             entries: list[tuple] = []
@@ -177,23 +223,65 @@ class _Engine:
     def step_loss(self, index: int) -> float:
         """Forward + backward of every block for local batch `index`; gradients accumulate. Returns the loss."""
         total = 0.0
+        self.nonfinite = None
 
         def visit(i: int, args: tuple, kwargs: dict, target: torch.Tensor) -> None:
             nonlocal total
             with torch.enable_grad():
-                out = self.sites[i].block(*args, **kwargs)
-                loss = F.mse_loss(out.float(), target.float())
-                loss.backward()
-            total += loss.item()
+                with self.autocast():
+                    out = self.sites[i].block(*args, **kwargs)
+                    loss = F.mse_loss(out.float(), target.float())
+                with self.no_autocast():
+                    (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            value = loss.item()
+            total += value
+            if self.nonfinite is None and not math.isfinite(value):
+                self.nonfinite = (f'block {self.sites[i].path}', value)  # stopped before the optimizer runs
 
         self.for_each_block(index, visit)
         return total
 
+    @torch.no_grad()
+    def compute_teacher_outputs(self) -> None:
+        """The teacher's model outputs for every local batch, once (float32, on the model's device)."""
+        outputs = []
+        for images in self.batches:
+            with self.autocast():
+                outputs.append(self.teacher(images.to(self.device, self.dtype)).float())
+        self.teacher_out = outputs
+        self.logits = outputs[0].ndim == 2 and getattr(self.model, 'num_classes', 1) != 0
+
+    def distill_loss(self, index: int) -> float:
+        """Forward + backward of the whole student for local batch `index` against the teacher's output."""
+        config = self.config
+        self.nonfinite = None
+        images = self.batches[index].to(self.device, self.dtype)
+        with torch.enable_grad():
+            with self.autocast():
+                out = self.model(images)
+            with self.no_autocast():
+                out, target = out.float(), self.teacher_out[index]
+                if self.logits:
+                    t = config.distill_temperature
+                    loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), reduction='batchmean',
+                                    log_target=True) * (t * t)
+                else:
+                    loss = F.mse_loss(out, target)
+                if config.distill_ce_weight > 0:
+                    loss = loss + config.distill_ce_weight * F.cross_entropy(out, self.targets[index].to(self.device))
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        value = loss.item()
+        if not math.isfinite(value):
+            self.nonfinite = ('the distillation (model output)', value)
+        return value
+
     def all_reduce_grads(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flag = torch.ones(1, dtype=grads[0].dtype, device=grads[0].device) * (self.nonfinite is not None)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [flag])  # + whether this rank saw a non-finite loss
         torch.distributed.all_reduce(flat)
-        flat /= self.world
+        self.nonfinite_elsewhere = bool(flat[-1] > 0)
+        flat = flat[:-1] / self.world
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -202,252 +290,53 @@ class _Engine:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[list[float], float]:
-        """Per-block MSE (student block on teacher input) and model-output MSE, averaged over all batches/ranks."""
+        """Per-block MSE (student block on teacher input) and model-output MSE, averaged over the first
+        `eval_count` local batches and over ranks.
+
+        Measured in the parameters' precision also with `amp` (teacher included, unless a cache holds its
+        activations): the errors describe the weights, not the rounding noise of a half-precision forward.
+        """
         sums = torch.zeros(len(self.sites) + 1, dtype=torch.float64)
 
         def visit(i: int, args: tuple, kwargs: dict, target: torch.Tensor) -> None:
             out = self.sites[i].block(*args, **kwargs)
             sums[i] += F.mse_loss(out.float(), target.float()).item()
 
-        for index, images in enumerate(self.batches):
-            self.for_each_block(index, visit)
-            images = images.to(self.device, self.dtype)
-            sums[-1] += F.mse_loss(self.model(images).float(), self.teacher(images).float()).item()
-        sums /= len(self.batches)
+        self.full_precision = True
+        try:
+            for index, images in enumerate(self.batches[:self.eval_count]):
+                self.for_each_block(index, visit)
+                images = images.to(self.device, self.dtype)
+                sums[-1] += F.mse_loss(self.model(images).float(), self.teacher(images).float()).item()
+        finally:
+            self.full_precision = False
+        sums /= self.eval_count
         if self.world > 1:
+            sums = sums.to(self.comm_device)
             torch.distributed.all_reduce(sums)
             sums /= self.world
         values = sums.tolist()
         return values[:-1], values[-1]
 
 
-def _lr_lambda(config: CalibrationConfig, total_steps: int) -> Callable[[int], float]:
+def lr_lambda(config: CalibrationConfig, total_steps: int, warmup: int | None = None) -> Callable[[int], float]:
+    warmup = config.warmup_steps if warmup is None else warmup
+
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        span = max(1, total_steps - config.warmup_steps)
-        t = min(1.0, (step - config.warmup_steps) / span)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        span = max(1, total_steps - warmup)
+        t = min(1.0, (step - warmup) / span)
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return factor
 
 
-def _make_optimizer(params: list[torch.Tensor], config: CalibrationConfig) -> torch.optim.AdamW:
+def make_optimizer(params: list[torch.Tensor], config: CalibrationConfig, lr: float | None = None
+                    ) -> torch.optim.AdamW:
     if config.weight_decay > 0:
         groups = [{'params': [p for p in params if p.ndim >= 2], 'weight_decay': config.weight_decay},
                   {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}]
         groups = [g for g in groups if g['params']]
     else:
         groups = [{'params': params, 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, foreach=False)
-
-
-
-def calibrate(
-        model: nn.Module,
-        teacher: nn.Module,
-        data: Iterable,
-        config: CalibrationConfig | None = None,
-        *,
-        hooks: Any = 'auto',
-        **options: Any,
-) -> CalibrationReport:
-    """Refit the MLPs of a reduced `model` block by block against `teacher` (the model before reduction).
-
-    Args:
-        model: the reduced model, changed in place; its training/eval mode is restored at the end.
-        teacher: the model as it was before `reduce()` (same blocks); only read.
-        data: an iterable of image batches or (images, targets) tuples, e.g. a DataLoader; the first
-            `batches` batches are read once and held in memory.
-        config: a CalibrationConfig; or give its fields as keyword `options`.
-        hooks: per-step hooks (`setup`, `after_backward`, `after_step`, `state_dict`, `load_state_dict`, `masks`);
-            `'auto'` builds them from the model's reduction recipe (e.g. FiPS sparsity), None disables them.
-
-    Returns:
-        A CalibrationReport (loss per epoch, per-block error before/after, timing, memory estimate).
-
-    Raises:
-        ReduceError: no or malformed data, an invalid option, or a checkpoint from a different run.
-    """
-    if config is None:
-        unknown = sorted(set(options) - set(CalibrationConfig.option_names()))
-        if unknown:
-            raise ReduceError(f'Unknown calibration option(s) {", ".join(unknown)}; allowed: '
-                              f'{", ".join(CalibrationConfig.option_names())}.')
-        config = CalibrationConfig(**options)
-    elif options:
-        raise ReduceError('Pass calibration options either as a CalibrationConfig or as keywords, not both.')
-    rank, world = rank_and_world()
-    batches, total_batches = collect_batches(data, config.batches, rank, world)
-    if hooks == 'auto':
-        hooks = recipe_hooks(model)
-    elif hooks is None:
-        hooks = RecipeHooks([])
-    elif not isinstance(hooks, RecipeHooks):
-        hooks = RecipeHooks([hooks])
-
-    engine = _Engine(model, teacher, batches, config, hooks, rank, world)
-    was_training = model.training
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in engine.params:
-        p.requires_grad_(True)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            return _run(engine, total_batches)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), True))
-        model.train(was_training)
-
-
-def _run(engine: _Engine, total_batches: int) -> CalibrationReport:
-    config, model, rank, world = engine.config, engine.model, engine.rank, engine.world
-    if world > 1:
-        for p in engine.params:  # identical starting point on every rank
-            torch.distributed.broadcast(p.data, src=0)
-    engine.set_modes()
-    steps = len(engine.batches)
-    total_steps = config.epochs * steps
-    optimizer = _make_optimizer(engine.params, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
-    engine.hooks.setup(model, optimizer, total_steps)
-    engine.record_shapes()
-
-    report = CalibrationReport(
-        blocks=[s.path for s in engine.sites], epochs=config.epochs, steps_per_epoch=steps, batches=total_batches,
-        images=sum(b.shape[0] for b in engine.batches) * world, world_size=world,
-        trainable_params=sum(p.numel() for p in engine.params), cache=config.cache,
-        memory_estimate=estimate_memory(config, sum(p.numel() for p in engine.params),
-                                        tuple(engine.batches[0].shape), steps, engine.block_shapes))
-    fingerprint = {**config.fingerprint(), 'world_size': world, 'steps_per_epoch': steps,
-                   'params': [tuple(p.shape) for p in engine.params], 'blocks': report.blocks}
-    ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir is not None else None
-    start = 0
-    if ckpt_path is not None and ckpt_path.is_file():
-        start = _resume(ckpt_path, fingerprint, engine, optimizer, scheduler, report)
-    if config.cache != 'none':
-        engine.build_cache()
-    if start == 0 and config.evaluate:
-        report.block_error_before, report.output_error_before = engine.evaluate()
-
-    from tqdm.auto import tqdm
-
-    show = config.progress and rank == 0
-    epochs_bar = tqdm(range(start, config.epochs), desc='calibrate', unit='epoch', disable=not show,
-                      initial=start, total=config.epochs)
-    for epoch in epochs_bar:
-        if config.stop_after is not None and epoch >= config.stop_after:
-            break
-        tic = time.perf_counter()
-        order = list(range(steps))
-        if config.shuffle:
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            order = torch.randperm(steps, generator=gen).tolist()
-        loss_sum = 0.0
-        for k, index in enumerate(tqdm(order, desc=f'epoch {epoch + 1}', unit='batch', leave=False,
-                                       disable=not show)):
-            step = epoch * steps + k
-            optimizer.zero_grad(set_to_none=True)
-            if config.count_flops and report.step_flops is None:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                with FlopCounterMode(display=False) as counter:
-                    loss_sum += engine.step_loss(index)
-                report.step_flops = int(counter.get_total_flops())
-            else:
-                loss_sum += engine.step_loss(index)
-            if world > 1:
-                engine.all_reduce_grads()
-            engine.hooks.after_backward(step)
-            optimizer.step()
-            scheduler.step()
-            engine.hooks.after_step(step)
-        loss = torch.tensor([loss_sum / steps], dtype=torch.float64)
-        if world > 1:
-            torch.distributed.all_reduce(loss)
-            loss /= world
-            check_identical('sparsity masks', tensor_hash(sorted(engine.hooks.masks().items())))
-            check_identical('trainable weights', tensor_hash((str(i), p) for i, p in enumerate(engine.params)))
-        report.epoch_loss.append(float(loss))
-        report.epoch_time.append(time.perf_counter() - tic)
-        report.epochs_done = epoch + 1
-        epochs_bar.set_postfix(loss=f'{float(loss):.4g}')
-        _logger.info(f'calibration epoch {epoch + 1}/{config.epochs}: loss {float(loss):.6g} '
-                     f'({report.epoch_time[-1]:.1f} s)')
-        if ckpt_path is not None:
-            if rank == 0:
-                save_checkpoint({'fingerprint': fingerprint, 'epoch': epoch + 1, 'model': model.state_dict(),
-                              'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                              'hooks': engine.hooks.state_dict(), 'rng': torch.get_rng_state(),
-                              'report': report.to_dict()}, ckpt_path)
-            if world > 1:
-                torch.distributed.barrier()
-        if config.callback is not None:
-            config.callback(report)
-    epochs_bar.close()
-    report.completed = report.epochs_done == config.epochs
-    if config.evaluate:
-        report.block_error_after, report.output_error_after = engine.evaluate()
-    return report
-
-
-
-def _resume(path: Path, fingerprint: dict, engine: _Engine, optimizer: torch.optim.Optimizer,
-            scheduler: Any, report: CalibrationReport) -> int:
-    """Load the last per-epoch checkpoint; returns the number of completed epochs."""
-    state = load_checkpoint(path, fingerprint, engine.device)
-    engine.model.load_state_dict(state['model'])
-    optimizer.load_state_dict(state['optimizer'])
-    scheduler.load_state_dict(state['scheduler'])
-    engine.hooks.load_state_dict(state['hooks'])
-    torch.set_rng_state(state['rng'])
-    old = state['report']
-    for key in ('epoch_loss', 'epoch_time', 'block_error_before', 'output_error_before'):
-        setattr(report, key, copy.deepcopy(old[key]))
-    report.resumed_from = report.epochs_done = int(state['epoch'])
-    _logger.info(f'calibration: resumed from {path} after epoch {report.resumed_from}')
-    return report.resumed_from
-
-
-
-def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **options: Any) -> nn.Module:
-    """Reduce `model` in place with `strategy`, then calibrate it block-wise against its former self.
-
-    Example:
-        >>> timm_reduce.compress(model, 'fips', data=loader, budget=0.25, sparsity=0.75, group_size=4, epochs=20)
-
-    Args:
-        model: a timm transformer with its pretrained weights.
-        strategy: a strategy name, spec text or ReduceSpec (see `reduce`).
-        data: calibration images: a DataLoader or any iterable of image batches or (images, targets) tuples.
-        **options: the strategy's options plus the calibration options of `CalibrationConfig` (`epochs`, `batches`,
-            `lr`, `weight_decay`, `warmup_steps`, `min_lr_ratio`, `seed`, `shuffle`, `cache`, `checkpoint_dir`,
-            `stop_after`, `progress`, `callback`, `count_flops`, `evaluate`). An option both take (e.g. fips's
-            `seed`) goes to both.
-
-    Returns:
-        The model (the same object). `calibration_report(model)` gives the CalibrationReport.
-
-    Raises:
-        ReduceError: no data, an unknown or invalid option (strategy or calibration), malformed batches.
-    """
-    calib_names = set(CalibrationConfig.option_names())
-    if data is None:
-        raise ReduceError('compress() needs calibration data: pass data=<a DataLoader or an iterable of image batches '
-                          'or (images, targets) tuples>. For a reduction without data use timm_reduce.reduce().')
-    name = strategy.strategy if isinstance(strategy, ReduceSpec) else str(strategy).partition(':')[0].strip()
-    shared = calib_names & set(get_strategy(name).option_names)  # e.g. `seed`: given to both
-    calib = {k: v for k, v in options.items() if k in calib_names}
-    strategy_options = {k: v for k, v in options.items() if k not in calib_names or k in shared}
-    config = CalibrationConfig(**calib)  # validate before any work
-    spec = as_spec(strategy, strategy_options)
-    teacher = copy.deepcopy(model)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    reduce(model, spec)
-    report = calibrate(model, teacher, data, config)
-    del teacher
-    model.__dict__[REPORT_ATTR] = report
-    return model
+    return torch.optim.AdamW(groups, lr=config.lr if lr is None else lr, foreach=False)

@@ -46,9 +46,15 @@ def add_parser(subparsers: Any) -> None:
     cal.add_argument('--epochs', type=int, default=20, help='calibration epochs (default 20)')
     cal.add_argument('--lr', type=float, default=None, help='peak learning rate (default: the engine default)')
     cal.add_argument('--seed', type=int, default=0, help='seed for the image subset and the calibration')
-    cal.add_argument('--cache', choices=('none', 'bf16', 'fp32'), default='none',
-                     help='keep teacher activations in memory instead of recomputing them (default none)')
+    cal.add_argument('--cache', choices=('auto', 'none', 'bf16', 'fp32'), default='auto',
+                     help='keep teacher activations in memory instead of recomputing them (default auto: fp32 when '
+                          'it fits --set cache_limit_gb=..., else bf16, else none)')
+    cal.add_argument('--amp', choices=('bf16', 'fp16'), default=None,
+                     help='mixed precision forwards (autocast; fp16 with loss scaling); default: none')
     cal.add_argument('--checkpoint-dir', help='write per-epoch checkpoints here and resume from them')
+    cal.add_argument('--resume', choices=('auto', 'must', 'restart'), default='auto',
+                     help='the checkpoint in --checkpoint-dir: auto (default) resumes a valid one and refuses a bad '
+                          'one, must also refuses to start without one, restart ignores it and starts afresh')
     cal.add_argument('--workers', type=int, default=2, help='data loader workers (default 2)')
     cal.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     cal.add_argument('--no-progress', action='store_true', help='no progress bars')
@@ -79,6 +85,8 @@ def _loader(model: nn.Module, args: argparse.Namespace) -> torch.utils.data.Data
 
 def _init_distributed(device: str) -> tuple[int, int]:
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.distributed.is_initialized():
+        if device.startswith('cuda'):  # one GPU per rank; NCCL's barrier and collectives use the current device
+            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
         torch.distributed.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -89,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import save_pretrained, summary
     from ..calibration import CalibrationConfig, calibration_report, compress
     from ..core.registry import get_strategy
+    from ..persistence.serialization import check_saveable
 
     strategy = get_strategy(args.strategy)
     options: dict[str, Any] = {}
@@ -115,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         options['lr'] = args.lr
     if args.checkpoint_dir:
         options['checkpoint_dir'] = args.checkpoint_dir
+    options['resume'] = args.resume  # must / restart without --checkpoint-dir: refused by CalibrationConfig
+    if args.amp:
+        options['amp'] = args.amp
 
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     rank, world = _init_distributed(device)
@@ -122,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
     model = load_model(args.model, args.pretrained, args.checkpoint,
                        parse_kv(args.model_kwargs, '--model-kwargs item')).to(device)
+    check_saveable(model)  # the result is saved: refuse now, not after the calibration
     loader = _loader(model, args)
     before = summary(model, macs=False)
     tic = time.perf_counter()

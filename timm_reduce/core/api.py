@@ -5,6 +5,7 @@ import copy
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from .discovery import find_mlp_sites
@@ -15,7 +16,7 @@ from .sharing import count_unique, tensor_identity
 from .protocol import Materializes
 from .spec import ReduceSpec
 
-__all__ = ['reduce', 'materialize', 'as_spec', 'mlp_unique_params']
+__all__ = ['reduce', 'materialize', 'as_spec', 'mlp_unique_params', 'check_finite_mlps']
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +48,18 @@ def mlp_unique_params(model: nn.Module) -> int:
     return total
 
 
+def check_finite_mlps(model: nn.Module, sites: list | None = None, what: str = 'reduce') -> None:
+    """Raise a ReduceError naming the first MLP parameter or floating buffer that holds NaN or infinite values."""
+    sites = find_mlp_sites(model) if sites is None else sites
+    mlps = {id(t) for site in sites for t in (*site.mlp.parameters(), *site.mlp.buffers())}
+    named = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in named:
+        if id(t) in mlps and t.is_floating_point() and t.device.type != 'meta' and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ReduceError(f'{what}: {name} contains NaN or infinite values ({bad} of {t.numel()}); refusing to '
+                              f'reduce a model with non-finite MLP weights. Reload or repair the weights first.')
+
+
 def reduce(model: nn.Module, strategy: str | ReduceSpec, **options: Any) -> nn.Module:
     """Apply a reduction strategy to `model` in place and return it.
 
@@ -56,13 +69,16 @@ def reduce(model: nn.Module, strategy: str | ReduceSpec, **options: Any) -> nn.M
         **options: the strategy's options (see its config class, e.g. `GroupedConfig`).
 
     Raises:
-        ReduceError: unknown strategy or option, or an invalid value (the message lists what is allowed).
+        ReduceError: unknown strategy or option, or an invalid value (the message lists what is allowed); NaN or
+            infinite MLP weights (the tensor is named; the model is left unchanged).
         UnsupportedModelError: the model has no MLP blocks timm_reduce understands.
     """
     spec = as_spec(strategy, options)
     strat = get_strategy(spec.strategy)
     config = spec.config
     sites = find_mlp_sites(model)
+    if strat.creation_kwargs is None:  # a strategy timm can build at creation time reads no weights (thin)
+        check_finite_mlps(model, sites, spec.strategy)
     record = get_record(model)
     if record is None:
         record = ReductionRecord(

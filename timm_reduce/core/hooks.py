@@ -24,6 +24,15 @@ class RecipeHooks:
         for h in self.hooks:
             h.setup(model, optimizer, total_steps)
 
+    def use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """A later stage (distillation) trains the same parameters with a new optimizer; hooks that keep optimizer
+        state consistent (FiPS masks its moments) take it by an optional `use_optimizer(optimizer)`. Its steps are
+        numbered on from the first stage's `total_steps`: the schedule is over, masks stay as they are."""
+        for h in self.hooks:
+            use = getattr(h, 'use_optimizer', None)
+            if use is not None:
+                use(optimizer)
+
     def after_backward(self, step: int) -> None:
         for h in self.hooks:
             h.after_backward(step)
@@ -52,6 +61,7 @@ def recipe_hooks(model: nn.Module, recipe: list[ReduceSpec] | None = None) -> Re
     """Hook objects of the model's reduction recipe (strategies registered with `calibration_hooks`).
 
     Per optimizer step: `after_backward(step)` before `optimizer.step()`, `after_step(step)` after it; `setup` once.
+    Steps at or past `setup`'s `total_steps` belong to a later stage (distillation): the schedule is over.
     """
     if recipe is None:
         record = get_record(model)

@@ -18,8 +18,8 @@ from ...errors import ReduceError
 from .decompose import single_thread
 from .layers import FipsLinear
 
-__all__ = ['fips_layers', 'keep_count', 'magnitude_keys', 'select_top', 'prune', 'gmp_sparsity', 'rigl_drop_fraction',
-           'FipsSparsifier', 'make_hooks']
+__all__ = ['fips_layers', 'keep_count', 'magnitude_keys', 'select_top', 'prune', 'gmp_sparsity', 'derived_delta_t',
+           'rigl_drop_fraction', 'FipsSparsifier', 'make_hooks']
 
 
 def fips_layers(model: nn.Module) -> dict[str, FipsLinear]:
@@ -132,6 +132,12 @@ def gmp_sparsity(step: int, final: float, initial: float, t0: int, t_end: int) -
     return final + (initial - final) * (1.0 - frac) ** 3
 
 
+def derived_delta_t(span: int, updates: int = 20) -> int:
+    """The update interval when `delta_t` is not given: max(1, ⌊span / updates⌋) steps, so that a schedule spanning
+    `span` steps (GMP: t_end - t0, RigL: t_end) gets at least `updates` updates in it (every step if it is shorter)."""
+    return max(1, span // updates)
+
+
 def rigl_drop_fraction(step: int, drop_fraction: float, t_end: int) -> float:
     """Cosine-decayed fraction of active entries to exchange: q_t = (q/2)(1 + cos(π t / t_end)); 0 after t_end."""
     if t_end <= 0 or step >= t_end:
@@ -146,13 +152,15 @@ class FipsSparsifier:
     `after_backward(step)` between `loss.backward()` (and any gradient all-reduce) and `optimizer.step()`, then
     `after_step(step)` right after `optimizer.step()`. `setup` comes first, once per optimizer.
 
-    Schedules (T = total_steps, ΔT = delta_t, t0 = ⌊t0_frac·T⌋, t_end = min(⌊t_end_frac·T⌋, T - 1)):
+    Schedules (T = total_steps, t0 = ⌊t0_frac·T⌋, t_end = min(⌊t_end_frac·T⌋, T - 1), ΔT = delta_t, or when it
+    is None `derived_delta_t(S)` = max(1, ⌊S / 20⌋) with S = t_end - t0 for GMP and t_end for RigL):
       gmp: at steps t0 + iΔT < t_end prune to s_t, and at the first step >= t_end to s_f (so s_f is always reached
         exactly by the last step); masks only shrink.
       rigl: at steps iΔT (i >= 1) < t_end, each factor exchanges ⌊q_t·active⌋ entries: the smallest-magnitude active
         ones are dropped and as many previously inactive ones with the largest dense-gradient magnitude are grown
         (at zero, with zero moments). Per-factor counts stay fixed, so the initial global/local distribution holds.
       static / dense: the masks never change (dense: no masks).
+    Steps >= T (a later stage, e.g. distillation, numbered on): the schedule is over; masks are only re-applied.
     """
 
     def __init__(self, model: nn.Module, config: Any) -> None:
@@ -164,6 +172,7 @@ class FipsSparsifier:
         self.optimizer: torch.optim.Optimizer | None = None
         self.total_steps = 0
         self.t0 = self.t_end = 0
+        self.delta_t = 1
         self.last_step = -1
         self._dense_grads: dict[str, torch.Tensor] = {}
 
@@ -188,10 +197,10 @@ class FipsSparsifier:
             return False
         if step >= self.t_end:
             return self.sparsity() < keep_sparsity(self.layers, self.final_sparsity, cfg.pruning)
-        return (step - self.t0) % cfg.delta_t == 0
+        return (step - self.t0) % self.delta_t == 0
 
     def _rigl_step(self, step: int) -> bool:
-        return self.config.sparsifier == 'rigl' and 0 < step < self.t_end and step % self.config.delta_t == 0
+        return self.config.sparsifier == 'rigl' and 0 < step < self.t_end and step % self.delta_t == 0
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
@@ -216,19 +225,32 @@ class FipsSparsifier:
         self.total_steps = total_steps
         self.t0 = math.floor(self.config.t0 * total_steps)
         self.t_end = max(self.t0, min(math.floor(self.config.t_end * total_steps), total_steps - 1))
+        span = self.t_end - (self.t0 if self.config.sparsifier == 'gmp' else 0)
+        self.delta_t = self.config.delta_t if self.config.delta_t is not None else derived_delta_t(span)
         start = self.start_sparsity
         if self.sparsity() < keep_sparsity(self.layers, start, self.config.pruning):
             prune(list(self.layers.values()), start, self.config.pruning, optimizer)
         else:
             apply_masks(self.layers.values(), optimizer)
 
+    def use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """A later stage's optimizer over the same parameters: its moments get masked from now on."""
+        self.optimizer = optimizer
+        apply_masks(self.layers.values(), optimizer)
+
     def after_backward(self, step: int) -> None:
-        """Keep the dense gradient where RigL will need it, then zero the gradients of masked entries."""
+        """Keep the dense gradient where RigL will need it, then zero the gradients of masked entries.
+
+        Gradients must be unscaled by then (fp16 loss scaling: `GradScaler.unscale_` first). A RigL step whose
+        gradients hold inf/NaN (an fp16 overflow, a step the GradScaler skips) exchanges no entries: such a
+        gradient says nothing about which entries to grow.
+        """
         if self.config.sparsifier == 'dense':
             return
         if self._rigl_step(step):
-            self._dense_grads = {n: m.factor.grad.detach().clone() for n, m in self.layers.items()
-                                 if m.factor.grad is not None}
+            grads = {n: m.factor.grad.detach().clone() for n, m in self.layers.items() if m.factor.grad is not None}
+            finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all())
+            self._dense_grads = grads if finite else {}
         with torch.no_grad():
             for m in self.layers.values():
                 if m.factor.grad is not None:

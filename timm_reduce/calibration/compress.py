@@ -1,0 +1,98 @@
+"""`compress()`: reduce a model and calibrate it against its former self; on any error the model is put back."""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Iterable
+
+from torch import nn
+
+from ..core.api import as_spec, reduce
+from ..core.discovery import find_mlp_sites
+from ..core.record import get_record, set_record
+from ..core.registry import get_strategy
+from ..core.spec import ReduceSpec
+from ..errors import ReduceError
+from .config import REPORT_ATTR, CalibrationConfig, recipe_defaults
+from .data import collect_batches
+from .distributed import rank_and_world
+
+from .run import calibrate_collected, check_finite_weights
+
+__all__ = ['compress']
+
+_logger = logging.getLogger(__name__)
+
+
+def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **options: Any) -> nn.Module:
+    """Reduce `model` in place with `strategy`, then calibrate it block-wise against its former self.
+
+    Example:
+        >>> timm_reduce.compress(model, 'fips', data=loader, budget=0.25, sparsity=0.75, group_size=4, epochs=20)
+
+    Args:
+        model: a timm transformer with its pretrained weights.
+        strategy: a strategy name, spec text or ReduceSpec (see `reduce`).
+        data: calibration images: a DataLoader or any iterable of image batches or (images, targets) tuples.
+        **options: the strategy's options plus the calibration options of `CalibrationConfig` (`epochs`, `batches`,
+            `lr`, `weight_decay`, `warmup_steps`, `min_lr_ratio`, `seed`, `shuffle`, `cache`, `cache_limit_gb`,
+            `checkpoint_dir`, `resume`, `stop_after`, `progress`, `callback`, `count_flops`, `evaluate`,
+            `eval_batches`, `amp`, `distill_epochs`, `distill_lr`, `distill_temperature`, `distill_ce_weight`,
+            `recipe`). An option both take (e.g. fips's `seed`) goes to both. `recipe` fills in the calibration
+            options and the strategy's options (its config's `RECIPES`, e.g. FiPS's) that are not given.
+
+    Returns:
+        The model (the same object). `calibration_report(model)` gives the CalibrationReport.
+
+    Raises:
+        ReduceError: no data, an unknown or invalid option (strategy or calibration), malformed batches (wrong
+            rank, channels or size, NaN/inf values), non-finite weights, a refused checkpoint, a non-finite loss.
+            On any error the model is put back as it was (the MLP modules are those of a copy taken before).
+    """
+    calib_names = set(CalibrationConfig.option_names())
+    if data is None:
+        raise ReduceError('compress() needs calibration data: pass data=<a DataLoader or an iterable of image batches '
+                          'or (images, targets) tuples>. For a reduction without data use timm_reduce.reduce().')
+    name = strategy.strategy if isinstance(strategy, ReduceSpec) else str(strategy).partition(':')[0].strip()
+    registered = get_strategy(name)
+    shared = calib_names & set(registered.option_names)  # e.g. `seed`: given to both
+    calib = {k: v for k, v in options.items() if k in calib_names}
+    strategy_options = {k: v for k, v in options.items() if k not in calib_names or k in shared}
+    recipe = calib.get('recipe', 'default')
+    config = CalibrationConfig(**{**recipe_defaults(recipe), **calib})  # validate before any work
+    spec = as_spec(strategy, strategy_options)
+    defaults = getattr(registered.config_cls, 'RECIPES', {}).get(recipe, {})  # the strategy's part of the recipe
+    if defaults:
+        spec = ReduceSpec(spec.strategy, {**defaults, **spec.options})  # options given (keywords or spec text) win
+    check_finite_weights(model, 'compress: the model')
+    rank, world = rank_and_world()
+    collected = collect_batches(data, config.batches, rank, world, model, digest=config.checkpoint_dir is not None,
+                                targets=config.distill_ce_weight > 0)
+    teacher = copy.deepcopy(model)
+    modes = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
+    flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    teacher.eval()
+    teacher.requires_grad_(False)
+    try:
+        reduce(model, spec)
+        report = calibrate_collected(model, teacher, collected, config, 'auto')
+    except BaseException:
+        _put_back(model, teacher, modes, flags)
+        raise
+    del teacher
+    model.__dict__[REPORT_ATTR] = report
+    return model
+
+
+def _put_back(model: nn.Module, original: nn.Module, modes: dict[str, bool], flags: dict[str, bool]) -> None:
+    """Make `model` what it was before `reduce()`, from `original` (a deep copy taken before): the blocks get
+    `original`'s MLP modules (reduction replaced or changed theirs in place), every other tensor gets `original`'s
+    values in place, and the reduction record, train/eval modes and `requires_grad` flags are those of before."""
+    for site in find_mlp_sites(original):
+        model.get_submodule(site.path).mlp = site.mlp
+    model.load_state_dict(original.state_dict())
+    set_record(model, get_record(original))
+    for name, module in model.named_modules(remove_duplicate=False):
+        module.training = modes.get(name, module.training)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        p.requires_grad_(flags.get(name, p.requires_grad))
