@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument('--name', default='compress_ablation', help='result file name (JSON + Markdown)')
     parser.add_argument('--resume', action='store_true', help='skip runs already in the result file')
     parser.add_argument('--quick', action='store_true',
-                        help='a tiny grid (fips 25% and shallow 25%, paper and all, 1 seed, 64 images, 1 epoch, '
+                        help='a tiny grid (fips 25%% and shallow 25%%, paper and all, 1 seed, 64 images, 1 epoch, '
                              '200 test images) written to a temporary folder: a smoke check, not a measurement')
     args = parser.parse_args()
     if args.quick:
