@@ -1,6 +1,11 @@
 """Shared helpers of the calibration tests: tiny models whose blocks differ, and an independent block-error probe."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import timm
 import torch
 from torch import nn
@@ -57,3 +62,14 @@ def block_errors(student: nn.Module, teacher: nn.Module, batches: list[torch.Ten
         for i, (x, y) in enumerate(captured):
             errors[i] += torch.mean((s_blocks[i](x) - y) ** 2).item() / len(batches)
     return errors
+
+
+def run_two_ranks(tmp_path: Path, *args: str) -> list[dict]:
+    """Run tests/calib_dist_worker.py under `torchrun --nproc_per_node 2` (gloo, CPU); each rank's saved result."""
+    here = Path(__file__).parent
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(here.parent), str(here)]), 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           str(here / 'calib_dist_worker.py'), str(tmp_path), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +16,8 @@ from timm_reduce.calibration import calibrate, calibration_report, compress
 from timm_reduce.strategies.fips import FipsConfig, fips_layers
 from timm_reduce.strategies.fips.sparsity import derived_delta_t, keep_count
 
-from calib_helpers import block_errors, image_batches, tiny_vit
+from calib_helpers import block_errors, image_batches, run_two_ranks, tiny_vit
 
-HERE = Path(__file__).parent
 FAST = dict(epochs=4, lr=2e-3, batches=4)
 FIPS = dict(budget=0.5, sparsity=0.5, group_size=2)
 
@@ -200,17 +196,8 @@ def test_resume_with_distill_epochs_equals_uninterrupted(tmp_path):
             compress(tiny_vit(), 'fips', data=data, checkpoint_dir=tmp_path / 'x', **{**opts, **change})
 
 
-def _torchrun(tmp_path: Path, *args: str) -> list[dict]:
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(HERE.parent), str(HERE)]), 'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           str(HERE / 'calib_dist_worker.py'), str(tmp_path), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
-
-
 def test_two_ranks_distil_to_identical_weights(tmp_path):
-    r0, r1 = _torchrun(tmp_path, 'fips', 'budget=0.5', 'sparsity=0.5', 'group_size=2', 'sparsifier=rigl', 'delta_t=2',
+    r0, r1 = run_two_ranks(tmp_path, 'fips', 'budget=0.5', 'sparsity=0.5', 'group_size=2', 'sparsifier=rigl', 'delta_t=2',
                        'distill_epochs=2', 'eval_batches=2')
     for k, v in r0['state'].items():
         assert torch.equal(v, r1['state'][k]), k

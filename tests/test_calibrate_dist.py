@@ -1,9 +1,6 @@
 """Two-process calibration under torchrun (gloo, CPU): ranks split the batches and end with identical weights."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,25 +9,15 @@ import torch
 import timm_reduce
 from timm_reduce.core.spec import parse_value
 
-from calib_helpers import tiny_vit
+from calib_helpers import run_two_ranks, tiny_vit
 
-HERE = Path(__file__).parent
-
-
-def _torchrun(tmp_path: Path, *args: str) -> list[dict]:
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(HERE.parent), str(HERE)]), 'OMP_NUM_THREADS': '1'}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           str(HERE / 'calib_dist_worker.py'), str(tmp_path), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
 
 
 @pytest.mark.parametrize('strategy,options', [
     ('fips', ['budget=0.5', 'sparsity=0.5', 'group_size=2', 'sparsifier=rigl', 'delta_t=2']),  # masks move (RigL)
 ])
 def test_two_ranks_split_batches_and_stay_identical(tmp_path, strategy, options):
-    r0, r1 = _torchrun(tmp_path, strategy, *options)
+    r0, r1 = run_two_ranks(tmp_path, strategy, *options)
     for k, v in r0['state'].items():
         assert torch.equal(v, r1['state'][k]), k
     assert r0['masks'].keys() == r1['masks'].keys()
