@@ -1,7 +1,6 @@
 """Two-process calibration under torchrun (gloo, CPU): ranks split the batches and end with identical weights."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
