@@ -101,3 +101,33 @@ def test_reduce_accepts_spec_text_and_object_equally():
         assert torch.equal(a(x), b(x)) and torch.equal(a(x), c(x))
     with pytest.raises(ReduceError, match='not both'):
         timm_reduce.reduce(tiny('vit'), ReduceSpec('shallow', {}), keep=0.5)
+
+
+def test_reduce_checks_weights_only_for_strategies_that_read_them(monkeypatch):
+    """A from-scratch strategy (reads_weights=False) replaces NaN MLP weights; one that reads them refuses."""
+    from timm_reduce.core import registry
+
+    monkeypatch.setattr(registry, '_STRATEGIES', dict(registry._STRATEGIES))
+
+    @dataclass
+    class NoOptions:
+        pass
+
+    @timm_reduce.register_strategy('test_scratch', NoOptions, reads_weights=False)
+    def apply_scratch(model, sites, config):
+        for site in sites:
+            torch.nn.init.zeros_(site.mlp.fc1.weight)
+
+    @timm_reduce.register_strategy('test_reads', NoOptions)
+    def apply_reads(model, sites, config):
+        pass
+
+    def poisoned():
+        model = tiny('vit')
+        with torch.no_grad():
+            model.blocks[1].mlp.fc1.weight[0, 0] = float('nan')
+        return model
+
+    assert torch.isfinite(timm_reduce.reduce(poisoned(), 'test_scratch').blocks[1].mlp.fc1.weight).all()
+    with pytest.raises(ReduceError, match=r'blocks\.1\.mlp\.fc1\.weight contains NaN'):
+        timm_reduce.reduce(poisoned(), 'test_reads')

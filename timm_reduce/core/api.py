@@ -77,7 +77,7 @@ def reduce(model: nn.Module, strategy: str | ReduceSpec, **options: Any) -> nn.M
     strat = get_strategy(spec.strategy)
     config = spec.config
     sites = find_mlp_sites(model)
-    if strat.creation_kwargs is None:  # a strategy timm can build at creation time reads no weights (thin)
+    if strat.reads_weights:
         check_finite_mlps(model, sites, spec.strategy)
     record = get_record(model)
     if record is None:

@@ -31,6 +31,8 @@ class Strategy:
             (e.g. `thin` -> `{'mlp_ratio': r}`), used when the strategy is the first step at creation time.
         calibration_hooks: optional `fn(model, config) -> hooks` giving the calibration engine per-step hooks
             (e.g. FiPS sparsity masks); None means plain block-wise calibration.
+        reads_weights: whether `apply` derives the reduced MLPs from the current weights (then `reduce()` refuses
+            NaN/Inf MLP weights first); False for a from-scratch strategy that re-initialises them (`thin`).
     """
 
     name: str
@@ -39,6 +41,7 @@ class Strategy:
     description: str = ''
     creation_kwargs: Callable[[Any], dict] | None = None
     calibration_hooks: Callable[[nn.Module, Any], Any] | None = None
+    reads_weights: bool = True
 
     @property
     def option_names(self) -> list[str]:
@@ -121,6 +124,7 @@ def register_strategy(
         description: str = '',
         creation_kwargs: Callable[[Any], dict] | None = None,
         calibration_hooks: Callable[[nn.Module, Any], Any] | None = None,
+        reads_weights: bool = True,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator registering `apply(model, sites, config)` as strategy `name` with options `config_cls`.
 
@@ -137,7 +141,8 @@ def register_strategy(
     def decorator(fn: ApplyFn) -> ApplyFn:
         if name in _STRATEGIES and _STRATEGIES[name].apply is not fn:
             raise ReduceError(f'Strategy {name!r} is already registered.')
-        _STRATEGIES[name] = Strategy(name, config_cls, fn, description, creation_kwargs, calibration_hooks)
+        _STRATEGIES[name] = Strategy(name, config_cls, fn, description, creation_kwargs, calibration_hooks,
+                                     reads_weights)
         return fn
 
     return decorator

@@ -32,7 +32,7 @@ def _creation_kwargs(config: ThinConfig) -> dict:
 
 
 @register_strategy('thin', ThinConfig, description='smaller mlp_ratio; from scratch (weights re-initialised)',
-                   creation_kwargs=_creation_kwargs)
+                   creation_kwargs=_creation_kwargs, reads_weights=False)
 def apply_thin(model: nn.Module, sites: list, config: ThinConfig) -> None:
     """Rebuild every MLP at `int(dim * mlp_ratio)` hidden units.
 
