@@ -8,9 +8,11 @@ Variants (calibration and strategy options on top of `recipe='paper'`; explicit 
     +schedule  FiPS delta_t derived from the run (>= 20 updates before t_end), RigL drop_fraction 0.1 (FiPS only)
     +distill   `--distill-epochs` epochs of output-level distillation (KL to the original's logits, no labels)
     +speed     cache='auto' and eval_batches=4 (same weights as paper in fp32; time only)
-    all        every item above together
+    +student   inputs='student': each block fitted on the student's previous block output (item 3)
+    +mix       inputs='mix': on the mean of the teacher's and the student's
+    all        +schedule, +distill and +speed together (the teacher's inputs)
     default    recipe='default': the library's defaults as they stand (no distillation unless it becomes one)
-Add an entry to ITEMS when another item becomes an option (data-aware init, calibration inputs, allocation).
+Add an entry to ITEMS when another item becomes an option (data-aware init, allocation).
 
 Example (2 seeds, both calibration sizes, results in bench/results/compress_ablation.{json,md}):
     python bench/compress_ablation.py --model-dir bench/models/cifar10_vit --threads 2
@@ -42,11 +44,15 @@ ITEMS: dict[str, dict[str, Any]] = {  # issue 13's items that are options ('DIST
     'schedule': {'delta_t': None, 'drop_fraction': 0.1},
     'distill': {'distill_epochs': 'DISTILL'},
     'speed': {'cache': 'auto', 'eval_batches': 4},
+    'student': {'inputs': 'student'},
+    'mix': {'inputs': 'mix'},
 }
+ALTERNATIVES = {'student', 'mix'}  # calibration inputs: each against the paper's teacher inputs, not part of 'all'
 VARIANTS: dict[str, dict[str, Any]] = {
     'paper': PAPER,
     **{f'+{name}': {**PAPER, **options} for name, options in ITEMS.items()},
-    'all': {k: v for options in (PAPER, *ITEMS.values()) for k, v in options.items()},
+    'all': {k: v for name, options in (('paper', PAPER), *ITEMS.items()) if name not in ALTERNATIVES
+            for k, v in options.items()},
     'default': {'recipe': 'default'},
 }
 FIPS_ONLY = {'delta_t', 'drop_fraction'}  # options of FiPS: other strategies do not take them

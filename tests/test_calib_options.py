@@ -310,3 +310,44 @@ def test_bad_values_of_the_new_options_are_clear_errors(options, match):
         compress(model, 'fips', data=image_batches(n=1), budget=0.5, group_size=2, epochs=1, **options)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert timm_reduce.get_record(model) is None
+
+
+@pytest.mark.parametrize('inputs', ['teacher', 'student', 'mix'])
+def test_calibration_inputs_feed_each_block_what_was_asked(inputs):
+    """In the first step, block 1 is fed the teacher's block-0 output, the student's block-0 output (detached) or
+    their mean, as captured by hooks on both models; block 0 is always fed the teacher's input."""
+    teacher = tiny_vit()
+    model = timm_reduce.reduce(copy.deepcopy(teacher), 'shallow', keep=0.5)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name, which):
+        def hook(module, args, output):
+            if name not in seen:
+                seen[name] = (args[0] if which == 'input' else output).detach().clone()
+        return hook
+
+    hooks = [teacher.blocks[0].register_forward_hook(keep('teacher0', 'output')),
+             model.blocks[0].register_forward_hook(keep('student0', 'output')),
+             model.blocks[1].register_forward_hook(keep('student1_in', 'input'))]
+    try:
+        calibrate(model, teacher, image_batches(n=2), epochs=1, cache='none', inputs=inputs, evaluate=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    expected = {'teacher': seen['teacher0'], 'student': seen['student0'],
+                'mix': (seen['teacher0'] + seen['student0']) / 2}[inputs]
+    torch.testing.assert_close(seen['student1_in'], expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(seen['teacher0'], seen['student0'])  # the two inputs really differ
+
+
+def test_student_inputs_change_the_result_and_are_part_of_the_fingerprint(tmp_path):
+    data = image_batches(n=2)
+    base = dict(keep=0.5, epochs=2, seed=0)
+    a = compress(tiny_vit(), 'shallow', data=data, **base)
+    b = compress(tiny_vit(), 'shallow', data=data, inputs='student', **base)
+    assert not torch.equal(a.blocks[2].mlp.fc1.weight, b.blocks[2].mlp.fc1.weight)
+    compress(tiny_vit(), 'shallow', data=data, checkpoint_dir=tmp_path, stop_after=1, **base)
+    with pytest.raises(ReduceError, match='different run .*inputs'):
+        compress(tiny_vit(), 'shallow', data=data, checkpoint_dir=tmp_path, inputs='mix', **base)
+    with pytest.raises(ReduceError, match="inputs must be 'teacher', 'student' or 'mix'"):
+        compress(tiny_vit(), 'shallow', data=data, inputs='previous', **base)

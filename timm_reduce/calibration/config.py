@@ -72,6 +72,11 @@ class CalibrationConfig:
         distill_temperature: the softmax temperature T of the distillation loss (> 0).
         distill_ce_weight: weight of a cross-entropy on the data's targets added to the distillation loss (>= 0;
             0: labels are not used). > 0 needs `distill_epochs` >= 1 and (images, targets) batches of class indices.
+        inputs: what each block is fed while it is fitted. `'teacher'` (default; the paper): the teacher block's
+            input, so every block is fitted independently. `'student'`: the student's own previous block's output
+            (detached), so a block learns to correct the errors of the reduced blocks before it. `'mix'`: their
+            mean. Only where a block's input is the previous block's output (in a plain stack of blocks; after a
+            Swin downsample the teacher's input is used). The before/after errors always use teacher inputs.
         recipe: a named set of option defaults, applied before validation by `compress()` / `calibrate()`;
             options given explicitly win. `'default'`: the library's defaults (its best measured settings).
             `'paper'`: the FiPS paper's recipe (`RECIPES['paper']`: 20 epochs of 30 batches, AdamW weight
@@ -104,6 +109,7 @@ class CalibrationConfig:
     distill_lr: float | None = None
     distill_temperature: float = 1.0
     distill_ce_weight: float = 0.0
+    inputs: Literal['teacher', 'student', 'mix'] = 'teacher'
     recipe: Literal['default', 'paper'] = 'default'
 
     def __post_init__(self) -> None:
@@ -141,6 +147,8 @@ class CalibrationConfig:
         need(self.distill_ce_weight == 0 or self.distill_epochs >= 1,
              f'distill_ce_weight={self.distill_ce_weight!r} needs distill_epochs >= 1 (the cross-entropy is a term '
              f'of the distillation loss)')
+        need(self.inputs in ('teacher', 'student', 'mix'),
+             f"inputs must be 'teacher', 'student' or 'mix', got {self.inputs!r}")
         need(self.recipe in RECIPES, f'recipe must be one of {", ".join(map(repr, RECIPES))}, got {self.recipe!r}')
         need(self.stop_after is None or (_is_int(self.stop_after) and self.stop_after >= 1),
              f'stop_after must be an integer >= 1 or None, got {self.stop_after!r}')
@@ -161,6 +169,8 @@ class CalibrationConfig:
         without distillation keeps the fingerprint it had before they existed)."""
         out = {k: getattr(self, k) for k in ('epochs', 'batches', 'lr', 'weight_decay', 'warmup_steps',
                                              'min_lr_ratio', 'seed', 'shuffle', 'cache', 'amp')}
+        if self.inputs != 'teacher':  # absent by default: checkpoints written before the option still resume
+            out['inputs'] = self.inputs
         if self.distill_epochs:
             out.update(distill_epochs=self.distill_epochs, distill_lr=self.distill_peak_lr,
                        distill_temperature=self.distill_temperature, distill_ce_weight=self.distill_ce_weight)
@@ -181,7 +191,8 @@ class CalibrationConfig:
 # given explicitly always win. Add an option to 'paper' whenever the library's default moves away from the paper.
 RECIPES: dict[str, dict[str, Any]] = {
     'default': {},
-    'paper': {'epochs': 20, 'batches': 30, 'weight_decay': 0.05, 'distill_epochs': 0, 'eval_batches': None},
+    'paper': {'epochs': 20, 'batches': 30, 'weight_decay': 0.05, 'distill_epochs': 0, 'eval_batches': None,
+              'inputs': 'teacher'},
 }
 
 

@@ -224,15 +224,18 @@ class Engine:
         """Forward + backward of every block for local batch `index`; gradients accumulate. Returns the loss."""
         total = 0.0
         self.nonfinite = None
+        previous: list[torch.Tensor | None] = [None]  # the student's output of the block before (detached)
 
         def visit(i: int, args: tuple, kwargs: dict, target: torch.Tensor) -> None:
             nonlocal total
+            args = self._block_input(i, args, previous[0])
             with torch.enable_grad():
                 with self.autocast():
                     out = self.sites[i].block(*args, **kwargs)
                     loss = F.mse_loss(out.float(), target.float())
                 with self.no_autocast():
                     (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            previous[0] = out.detach()
             value = loss.item()
             total += value
             if self.nonfinite is None and not math.isfinite(value):
@@ -240,6 +243,14 @@ class Engine:
 
         self.for_each_block(index, visit)
         return total
+
+    def _block_input(self, i: int, args: tuple, student: torch.Tensor | None) -> tuple:
+        """Block `i`'s positional inputs for its fitting step: the teacher's, or (`inputs='student' | 'mix'`, where
+        the block's input is the previous block's output) the student's previous output or the mean of the two."""
+        if self.config.inputs == 'teacher' or student is None or not self.block_shapes[i][3]:
+            return args
+        teacher, student = args[0], student.to(args[0].dtype)
+        return (student if self.config.inputs == 'student' else (teacher + student) / 2, *args[1:])
 
     @torch.no_grad()
     def compute_teacher_outputs(self) -> None:
