@@ -45,7 +45,10 @@ def test_calibration_lowers_every_block_error(strategy, options):
 def test_swin_grouped_within_stage_calibrates():
     data = image_batches(n=2)
     teacher = tiny_swin()
-    model = compress(copy.deepcopy(teacher), 'grouped', data=data, group_size=2, **{**FAST, 'batches': 2})
+    # teacher inputs: each block is fitted to its own error, so every block error falls (the default 'mix' inputs
+    # may trade one block's error for a lower output error)
+    model = compress(copy.deepcopy(teacher), 'grouped', data=data, group_size=2, inputs='teacher',
+                     **{**FAST, 'batches': 2})
     report = calibration_report(model)
     assert len(report.blocks) == 4
     assert all(a < b for a, b in zip(report.block_error_after, report.block_error_before))

@@ -149,6 +149,7 @@ def _run(engine: Engine, total_batches: int) -> CalibrationReport:
         blocks=[s.path for s in engine.sites], epochs=config.epochs, steps_per_epoch=steps, batches=total_batches,
         images=sum(b.shape[0] for b in engine.batches) * world, world_size=world, trainable_params=trainable,
         cache=engine.cache_mode, cache_reason=cache_reason, amp=config.amp, recipe=config.recipe,
+        inputs=config.inputs,
         distill_epochs=config.distill_epochs, eval_batches=engine.eval_count * world if config.evaluate else 0,
         memory_estimate=estimate_memory(config, trainable, shape, steps, engine.block_shapes, engine.cache_mode))
     # without amp an fp32 cache gives the weights of recomputation, bit for bit: one run as far as resuming goes
