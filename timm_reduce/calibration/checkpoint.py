@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import ReduceError
+from ..core.finite import non_finite
 from ..persistence.files import new_temp_file
 
 __all__ = ['CHECKPOINT_NAME', 'MAGIC', 'save_checkpoint', 'load_checkpoint', 'validate_state']
@@ -126,15 +127,14 @@ def validate_state(state: dict, path: Path, *, epochs: int, steps: int, model_st
         t = weights[name]
         if t.shape != mine.shape or t.dtype != mine.dtype:
             raise refuse(f'holds {name} as {t.dtype} {tuple(t.shape)}; the model has {mine.dtype} {tuple(mine.shape)}')
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if any(non_finite([(name, t)])):
             raise refuse(f'holds NaN or infinite values in {name}')
         if name not in trainable and not torch.equal(t, mine.to(t.device)):
             raise refuse(f'holds a {name} that differs from the model\'s, though calibration never changes it '
                          f'(a checkpoint of another model?)')
     for what in ('optimizer', 'hooks'):
-        for name, t in _tensors(state[what], what):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise refuse(f'holds NaN or infinite values in {name}')
+        for name, _, _ in non_finite(_tensors(state[what], what)):
+            raise refuse(f'holds NaN or infinite values in {name}')
     optimizer = state['optimizer']
     if not isinstance(optimizer, dict) or not {'state', 'param_groups'} <= set(optimizer):
         raise refuse('holds no optimizer state')

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..core.discovery import find_mlp_sites
+from ..core.finite import non_finite
 from ..core.hooks import RecipeHooks, recipe_hooks
 from ..core.record import get_record
 from ..errors import ReduceError
@@ -82,10 +83,9 @@ def calibrate(
 
 def check_finite_weights(model: nn.Module, who: str) -> None:
     """Raise naming the first parameter or floating buffer of `model` with a NaN or infinite value."""
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ReduceError(f'{who} has NaN or infinite values in {name} ({int((~torch.isfinite(t)).sum())} of '
-                              f'{t.numel()}); calibration would spread them to every weight. Repair or reload it.')
+    for name, bad, size in non_finite((*model.named_parameters(), *model.named_buffers())):
+        raise ReduceError(f'{who} has NaN or infinite values in {name} ({bad} of {size}); calibration would '
+                          'spread them to every weight. Repair or reload it.')
 
 
 def calibrate_collected(model: nn.Module, teacher: nn.Module, collected: Collected, config: CalibrationConfig,

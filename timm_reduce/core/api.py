@@ -5,10 +5,10 @@ import copy
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
 from .discovery import find_mlp_sites
+from .finite import non_finite
 from ..errors import ReduceError
 from .record import ReductionRecord, base_name, get_record, set_record
 from .registry import get_strategy
@@ -52,12 +52,10 @@ def check_finite_mlps(model: nn.Module, sites: list | None = None, what: str = '
     """Raise a ReduceError naming the first MLP parameter or floating buffer that holds NaN or infinite values."""
     sites = find_mlp_sites(model) if sites is None else sites
     mlps = {id(t) for site in sites for t in (*site.mlp.parameters(), *site.mlp.buffers())}
-    named = [*model.named_parameters(), *model.named_buffers()]
-    for name, t in named:
-        if id(t) in mlps and t.is_floating_point() and t.device.type != 'meta' and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ReduceError(f'{what}: {name} contains NaN or infinite values ({bad} of {t.numel()}); refusing to '
-                              f'reduce a model with non-finite MLP weights. Reload or repair the weights first.')
+    named = ((n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if id(t) in mlps)
+    for name, bad, size in non_finite(named):
+        raise ReduceError(f'{what}: {name} contains NaN or infinite values ({bad} of {size}); refusing to '
+                          f'reduce a model with non-finite MLP weights. Reload or repair the weights first.')
 
 
 def reduce(model: nn.Module, strategy: str | ReduceSpec, **options: Any) -> nn.Module:

@@ -27,6 +27,7 @@ from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from ..version import __version__
+from ..core.finite import non_finite
 from .card import CARD_NAME, is_generated_card, render_model_card
 from ..errors import HubError, ReduceError
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained
@@ -86,12 +87,9 @@ def _refuse_non_finite_file(path: Path) -> None:
     """Refuse a weights file holding NaN or infinite values (read one tensor at a time), naming the tensors."""
     from safetensors import safe_open
 
-    bad = []
     with safe_open(str(path), framework='pt', device='cpu') as f:
-        for key in f.keys():
-            t = f.get_tensor(key)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad.append(f'{key} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)')
+        bad = [f'{key} ({count} of {size} values)'
+               for key, count, size in non_finite((key, f.get_tensor(key)) for key in f.keys())]
     if bad:
         raise ReduceError(f'Refusing to push {path.parent}: {path.name} holds NaN or infinite values in '
                           f'{", ".join(bad[:3])}{f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""}. '

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..version import __version__
 from ..core.discovery import find_mlp_sites
+from ..core.finite import non_finite
 from ..errors import ReduceError
 from ..core.record import ReductionRecord, base_name, get_record
 from ..core.sharing import alias_map, count_unique
@@ -590,11 +591,7 @@ def _check_targets(directory: Path, model_card: bool) -> None:
 
 
 def _refuse_non_finite(model: nn.Module) -> None:
-    state = model.state_dict()
-    bad = []
-    for key, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad.append(f'{key} ({int((~torch.isfinite(t)).sum())} of {t.numel()})')
+    bad = [f'{key} ({count} of {size})' for key, count, size in non_finite(model.state_dict().items())]
     if bad:
         raise ReduceError(f'Refusing to save: the model has NaN or infinite weights in {", ".join(bad[:3])}'
                           f'{f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""}. Nothing was written.')
