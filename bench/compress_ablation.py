@@ -10,9 +10,12 @@ Variants (calibration and strategy options on top of `recipe='paper'`; explicit 
     +speed     cache='auto' and eval_batches=4 (same weights as paper in fp32; time only)
     +student   inputs='student': each block fitted on the student's previous block output (item 3)
     +mix       inputs='mix': on the mean of the teacher's and the student's
-    all        +schedule, +distill and +speed together (the teacher's inputs)
+    +init      init_from='activations': FiPS basis/factors and ShallowMLP importance from activation statistics (item 2)
+    all        +schedule, +distill, +speed, +mix and +init together
     default    recipe='default': the library's defaults as they stand (no distillation unless it becomes one)
-Add an entry to ITEMS when another item becomes an option (data-aware init, allocation).
+    default+distill  the defaults plus `--distill-epochs` epochs of distillation
+    default-init     the defaults with init_from='weights' (what the data-aware init adds to the other defaults)
+Add an entry to ITEMS when another item becomes an option (allocation).
 
 Example (2 seeds, both calibration sizes, results in bench/results/compress_ablation.{json,md}):
     python bench/compress_ablation.py --model-dir bench/models/cifar10_vit --threads 2
@@ -46,14 +49,17 @@ ITEMS: dict[str, dict[str, Any]] = {  # issue 13's items that are options ('DIST
     'speed': {'cache': 'auto', 'eval_batches': 4},
     'student': {'inputs': 'student'},
     'mix': {'inputs': 'mix'},
+    'init': {'init_from': 'activations'},
 }
-ALTERNATIVES = {'student', 'mix'}  # calibration inputs: each against the paper's teacher inputs, not part of 'all'
+ALTERNATIVES = {'student'}  # calibration inputs that lost to 'mix': measured alone, not part of 'all'
 VARIANTS: dict[str, dict[str, Any]] = {
     'paper': PAPER,
     **{f'+{name}': {**PAPER, **options} for name, options in ITEMS.items()},
     'all': {k: v for name, options in (('paper', PAPER), *ITEMS.items()) if name not in ALTERNATIVES
             for k, v in options.items()},
     'default': {'recipe': 'default'},
+    'default+distill': {'recipe': 'default', 'distill_epochs': 'DISTILL'},
+    'default-init': {'recipe': 'default', 'init_from': 'weights'},
 }
 FIPS_ONLY = {'delta_t', 'drop_fraction'}  # options of FiPS: other strategies do not take them
 
@@ -80,8 +86,10 @@ def variant_options(variant: str, strategy: str, args: argparse.Namespace) -> di
     options = {k: (args.distill_epochs if v == 'DISTILL' else v) for k, v in VARIANTS[variant].items()}
     if strategy != 'fips':
         options = {k: v for k, v in options.items() if k not in FIPS_ONLY}
-        if variant != 'paper' and options == PAPER:
-            return None
+    if not timm_reduce.get_strategy(strategy).uses_statistics:
+        options.pop('init_from', None)  # the strategy starts from its weights either way
+    if (variant != 'paper' and options == PAPER) or (variant != 'default' and options == VARIANTS['default']):
+        return None  # the same run as 'paper' / 'default' for this strategy
     return options
 
 

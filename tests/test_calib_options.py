@@ -87,7 +87,7 @@ def test_fips_distillation_lowers_output_kl_and_keeps_masks_exact(sparsifier):
     assert len(report.distill_loss) == 4 and report.distill_epochs_done == 4 and report.completed
     assert len(report.epoch_time) == 8 and report.epochs_done == 4
     assert report.output_error_blockwise == pytest.approx(base.output_error_after)
-    assert report.output_error_after < report.output_error_blockwise
+    # (no claim on output_error_after: it is a logit MSE, which a KL fit need not lower, KL ignoring logit shifts)
     assert 'distillation   4/4 epochs' in report.format()
 
 
@@ -231,7 +231,9 @@ def test_cache_auto_picks_by_the_cap_and_says_so():
 
 def test_eval_batches_bounds_the_evaluation():
     data, teacher = image_batches(n=6), tiny_vit()
-    reduced = timm_reduce.reduce(copy.deepcopy(teacher), 'shallow', keep=0.5)
+    # compress starts from the activation-aware reduction measured on all its batches (init_from='activations')
+    stats = timm_reduce.collect_statistics(teacher, data)
+    reduced = timm_reduce.reduce(copy.deepcopy(teacher), 'shallow', keep=0.5, statistics=stats)
     opts = dict(keep=0.5, epochs=1, lr=2e-3, batches=6)
     two = calibration_report(compress(copy.deepcopy(teacher), 'shallow', data=data, eval_batches=2, **opts))
     assert two.eval_batches == 2
@@ -247,7 +249,8 @@ def test_eval_batches_bounds_the_evaluation():
 # --------------------------------------------------------------------------------------------------- recipes
 PAPER_FIPS = dict(sparsifier='gmp', pruning='global', s0=0.25, delta_t=50, t0=0.0, t_end=0.75, drop_fraction=0.3,
                   growth='hybrid', beta=32.0, scaling_vectors=False)
-PAPER_CALIBRATION = dict(weight_decay=0.05, distill_epochs=0, eval_batches=None, inputs='teacher')  # the paper's
+PAPER_CALIBRATION = dict(weight_decay=0.05, distill_epochs=0, eval_batches=None, inputs='teacher',
+                         init_from='weights')  # the paper's
 
 
 def test_recipe_paper_equals_the_explicit_options():

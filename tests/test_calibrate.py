@@ -27,7 +27,9 @@ def _mlp_state(model):
 def test_calibration_lowers_every_block_error(strategy, options):
     data = image_batches()
     teacher = tiny_vit()
-    reduced_only = timm_reduce.reduce(copy.deepcopy(teacher), strategy, **options)
+    # compress starts from the reduction with the teacher's activation statistics (init_from='activations')
+    stats = timm_reduce.collect_statistics(teacher, data)
+    reduced_only = timm_reduce.reduce(copy.deepcopy(teacher), strategy, statistics=stats, **options)
     model = compress(copy.deepcopy(teacher), strategy, data=data, **options, **FAST)
     before = block_errors(reduced_only, teacher, data)
     after = block_errors(model, teacher, data)

@@ -8,6 +8,7 @@ from .core.discovery import MlpSite, find_mlp_sites
 from .core.sharing import unique_parameters
 from .core.record import get_record
 from .core.api import materialize, reduce
+from .core.statistics import MlpStatistics, collect_statistics
 from .persistence.serialization import load_pretrained, save_pretrained
 from .persistence.hub import push_to_hub
 from .summary import format_summary, summary
@@ -16,8 +17,8 @@ from . import strategies  # noqa: F401  (registers the built-in strategies)
 from .persistence import entrypoint  # noqa: F401  (registers the `timm_reduce` timm model)
 
 __all__ = [
-    'CalibrationConfig', 'CalibrationReport', 'HubError', 'MlpSite', 'ReduceError', 'ReduceSpec', 'Strategy',
-    'UnsupportedModelError', 'calibrate', 'calibration_report', 'compress', 'find_mlp_sites', 'format_summary',
+    'CalibrationConfig', 'CalibrationReport', 'HubError', 'MlpSite', 'MlpStatistics', 'ReduceError', 'ReduceSpec', 'Strategy',
+    'UnsupportedModelError', 'calibrate', 'calibration_report', 'collect_statistics', 'compress', 'find_mlp_sites', 'format_summary',
     'get_record', 'get_strategy', 'list_strategies', 'load_pretrained', 'materialize', 'push_to_hub', 'reduce',
     'register_strategy', 'save_pretrained', 'summary', 'unique_parameters',
 ]

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Iterable
+import time
+from typing import Any, Iterable, Iterator
 
+import torch
 from torch import nn
 
 from ..core.api import as_spec, reduce
@@ -12,6 +14,7 @@ from ..core.discovery import find_mlp_sites
 from ..core.record import get_record, set_record
 from ..core.registry import get_strategy
 from ..core.spec import ReduceSpec
+from ..core.statistics import collect_statistics
 from ..errors import ReduceError
 from .config import REPORT_ATTR, CalibrationConfig, recipe_defaults
 from .data import collect_batches
@@ -38,8 +41,9 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
             `lr`, `weight_decay`, `warmup_steps`, `min_lr_ratio`, `seed`, `shuffle`, `cache`, `cache_limit_gb`,
             `checkpoint_dir`, `resume`, `stop_after`, `progress`, `callback`, `count_flops`, `evaluate`,
             `eval_batches`, `amp`, `distill_epochs`, `distill_lr`, `distill_temperature`, `distill_ce_weight`,
-            `recipe`). An option both take (e.g. fips's `seed`) goes to both. `recipe` fills in the calibration
-            options and the strategy's options (its config's `RECIPES`, e.g. FiPS's) that are not given.
+            `inputs`, `init_from`, `recipe`). An option both take (e.g. fips's `seed`) goes to both. `recipe` fills in
+            the calibration options and the strategy's options (its config's `RECIPES`, e.g. FiPS's) that are not
+            given.
 
     Returns:
         The model (the same object). `calibration_report(model)` gives the CalibrationReport.
@@ -74,14 +78,25 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
     teacher.eval()
     teacher.requires_grad_(False)
     try:
-        reduce(model, spec)
+        tic = time.perf_counter()
+        statistics = None
+        if config.init_from == 'activations' and registered.uses_statistics:
+            statistics = collect_statistics(teacher, _on_device(collected.batches, teacher))
+        spent = time.perf_counter() - tic
+        reduce(model, spec, statistics=statistics)
         report = calibrate_collected(model, teacher, collected, config, 'auto')
+        report.init_from, report.statistics_time = ('activations', spent) if statistics is not None else ('weights', 0.0)
     except BaseException:
         _put_back(model, teacher, modes, flags)
         raise
     del teacher
     model.__dict__[REPORT_ATTR] = report
     return model
+
+
+def _on_device(batches: list[torch.Tensor], model: nn.Module) -> Iterator[torch.Tensor]:
+    param = next(model.parameters())
+    return (b.to(param.device, param.dtype) for b in batches)
 
 
 def _put_back(model: nn.Module, original: nn.Module, modes: dict[str, bool], flags: dict[str, bool]) -> None:

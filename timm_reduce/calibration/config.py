@@ -80,6 +80,11 @@ class CalibrationConfig:
             `'student'` lost 0.37 points on grouped pairs. Only where a block's input is the previous
             block's output (in a plain stack of blocks; after a Swin downsample the teacher's input is used). The
             before/after errors always use teacher inputs.
+        init_from: how `compress()` initialises the reduced MLPs before calibration. `'activations'` (default): the
+            strategies that can (fips: shared basis and factors; shallow: unit importance) use activation
+            statistics measured by one forward pass of the model over the calibration batches (see
+            `collect_statistics`); others start from the weights as always. `'weights'` (the paper): from the
+            weights alone. Only `compress()` reduces, so `calibrate()` does not take it.
         recipe: a named set of option defaults, applied before validation by `compress()` / `calibrate()`;
             options given explicitly win. `'default'`: the library's defaults (its best measured settings).
             `'paper'`: the FiPS paper's recipe (`RECIPES['paper']`: 20 epochs of 30 batches, AdamW weight
@@ -113,6 +118,7 @@ class CalibrationConfig:
     distill_temperature: float = 1.0
     distill_ce_weight: float = 0.0
     inputs: Literal['teacher', 'student', 'mix'] = 'mix'
+    init_from: Literal['weights', 'activations'] = 'activations'
     recipe: Literal['default', 'paper'] = 'default'
 
     def __post_init__(self) -> None:
@@ -152,6 +158,9 @@ class CalibrationConfig:
              f'of the distillation loss)')
         need(self.inputs in ('teacher', 'student', 'mix'),
              f"inputs must be 'teacher', 'student' or 'mix', got {self.inputs!r}")
+        need(self.init_from in ('weights', 'activations'),
+             f"init_from must be 'weights' (from the weights alone) or 'activations' (from activation statistics of the "
+             f"calibration images), got {self.init_from!r}")
         need(self.recipe in RECIPES, f'recipe must be one of {", ".join(map(repr, RECIPES))}, got {self.recipe!r}')
         need(self.stop_after is None or (_is_int(self.stop_after) and self.stop_after >= 1),
              f'stop_after must be an integer >= 1 or None, got {self.stop_after!r}')
@@ -193,7 +202,7 @@ class CalibrationConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     'default': {},
     'paper': {'epochs': 20, 'batches': 30, 'weight_decay': 0.05, 'distill_epochs': 0, 'eval_batches': None,
-              'inputs': 'teacher'},
+              'inputs': 'teacher', 'init_from': 'weights'},
 }
 
 
@@ -228,6 +237,8 @@ class CalibrationReport:
         distill_loss: per distillation epoch, the mean over steps of the distillation loss (averaged over ranks).
         epoch_time: seconds per epoch, block-wise and distillation epochs in order (this process).
         cache / cache_reason: the cache mode used and why (`cache='auto'` chooses by `cache_limit_gb`).
+        init_from: `'activations'` when `compress()` initialised the reduced MLPs from activation statistics (taking
+            `statistics_time` seconds), else `'weights'`.
         step_flops: FLOPs of one step on this rank (when `count_flops`), else None.
     """
 
@@ -244,6 +255,8 @@ class CalibrationReport:
     amp: str | None = None
     recipe: str = 'default'
     inputs: str = 'teacher'
+    init_from: str = 'weights'
+    statistics_time: float = 0.0
     resumed_from: int = 0
     completed: bool = False
     distill_epochs: int = 0
@@ -269,6 +282,8 @@ class CalibrationReport:
                  f'{self.images} images, {self.world_size} process(es), {self.trainable_params:,} trainable params, '
                  f'cache={self.cache}' + (f', amp={self.amp}' if self.amp else '')
                  + (f', recipe={self.recipe}' if self.recipe != 'default' else '')
+                 + (f', init from activation statistics ({self.statistics_time:.1f} s)'
+                    if self.init_from == 'activations' else '')
                  + (f', resumed after epoch {self.resumed_from}' if self.resumed_from else '')]
         if self.cache_reason:
             lines.append(f'cache          {self.cache_reason}')

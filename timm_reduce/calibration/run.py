@@ -59,6 +59,9 @@ def calibrate(
             checkpoint that is corrupt, out of range or from a different run, or a non-finite loss (the epoch, step
             and batch are named). On any error the model's MLP weights and buffers are put back as they were.
     """
+    if 'init_from' in options:
+        raise ReduceError("calibrate() gets a model already reduced; init_from= (how the reduced MLPs start) is an option "
+                          "of compress(), which reduces and calibrates in one call.")
     if config is None:
         unknown = sorted(set(options) - set(CalibrationConfig.option_names()))
         if unknown:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 from torch import nn
 
@@ -15,6 +15,7 @@ from .registry import get_strategy
 from .sharing import count_unique, tensor_identity
 from .protocol import Materializes
 from .spec import ReduceSpec
+from .statistics import MlpStatistics
 
 __all__ = ['reduce', 'materialize', 'as_spec', 'mlp_unique_params', 'check_finite_mlps']
 
@@ -58,12 +59,16 @@ def check_finite_mlps(model: nn.Module, sites: list | None = None, what: str = '
                           f'reduce a model with non-finite MLP weights. Reload or repair the weights first.')
 
 
-def reduce(model: nn.Module, strategy: str | ReduceSpec, **options: Any) -> nn.Module:
+def reduce(model: nn.Module, strategy: str | ReduceSpec, *, statistics: Mapping[str, MlpStatistics] | None = None,
+           **options: Any) -> nn.Module:
     """Apply a reduction strategy to `model` in place and return it.
 
     Args:
         model: a timm transformer (ViT/DeiT, Swin, EVA, BEiT, ...).
         strategy: a registered name (`list_strategies()`), a spec text `'grouped:group_size=2'` or a ReduceSpec.
+        statistics: activation statistics of the model's MLPs (`collect_statistics`, keyed by block path) for a
+            data-aware initialisation, used by the strategies that take them (fips, shallow) and ignored by the
+            others; `compress(init_from='activations')` passes them. They must cover every block.
         **options: the strategy's options (see its config class, e.g. `GroupedConfig`).
 
     Raises:
@@ -85,7 +90,15 @@ def reduce(model: nn.Module, strategy: str | ReduceSpec, **options: Any) -> nn.M
             params_before=sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False)),
             mlp_params_before=mlp_unique_params(model),
         )
-    strat.apply(model, sites, config)
+    if statistics is not None:
+        missing = [s.path for s in sites if s.path not in statistics]
+        if missing:
+            raise ReduceError(f'reduce: statistics lack block(s) {", ".join(missing[:4])}; collect them on this '
+                              f'model with timm_reduce.collect_statistics before reducing it.')
+    if strat.uses_statistics:
+        strat.apply(model, sites, config, statistics=statistics)
+    else:
+        strat.apply(model, sites, config)
     record.recipe.append(spec)
     set_record(model, record)
     _logger.info(f'Applied {spec} to {type(model).__name__}: {count_unique(model):,} unique params.')

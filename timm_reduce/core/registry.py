@@ -33,6 +33,9 @@ class Strategy:
             (e.g. FiPS sparsity masks); None means plain block-wise calibration.
         reads_weights: whether `apply` derives the reduced MLPs from the current weights (then `reduce()` refuses
             NaN/Inf MLP weights first); False for a from-scratch strategy that re-initialises them (`thin`).
+        uses_statistics: whether `apply` takes activation statistics: it is then called as
+            `apply(model, sites, config, statistics=...)` with `{block path: MlpStatistics}` or None (see
+            `core.statistics`; `compress(init_from='activations')` measures them on the calibration images).
     """
 
     name: str
@@ -42,6 +45,7 @@ class Strategy:
     creation_kwargs: Callable[[Any], dict] | None = None
     calibration_hooks: Callable[[nn.Module, Any], Any] | None = None
     reads_weights: bool = True
+    uses_statistics: bool = False
 
     @property
     def option_names(self) -> list[str]:
@@ -125,6 +129,7 @@ def register_strategy(
         creation_kwargs: Callable[[Any], dict] | None = None,
         calibration_hooks: Callable[[nn.Module, Any], Any] | None = None,
         reads_weights: bool = True,
+        uses_statistics: bool = False,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator registering `apply(model, sites, config)` as strategy `name` with options `config_cls`.
 
@@ -142,7 +147,7 @@ def register_strategy(
         if name in _STRATEGIES and _STRATEGIES[name].apply is not fn:
             raise ReduceError(f'Strategy {name!r} is already registered.')
         _STRATEGIES[name] = Strategy(name, config_cls, fn, description, creation_kwargs, calibration_hooks,
-                                     reads_weights)
+                                     reads_weights, uses_statistics)
         return fn
 
     return decorator

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 from torch import nn
@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import ReduceError
 from ..core.hidden_units import hidden_units, select_units, unit_importance
 from ..core.registry import register_strategy
+from ..core.statistics import MlpStatistics
 
 
 @dataclass
@@ -20,7 +21,9 @@ class ShallowConfig:
         keep: fraction of hidden units kept, in (0, 1] (0.5 = the paper's ShallowMLP); or a list with the number
             of units to keep in each block.
         importance: `'magnitude'` keeps the units with the largest ‖fc1 row‖·‖fc2 column‖ (right for pretrained
-            weights); `'first'` keeps units 0..k-1 (the seed paper's behaviour, fine from scratch).
+            weights); with activation statistics (`compress(init_from='activations')`) the measured RMS of the unit's
+            activation replaces ‖fc1 row‖: RMS(h_j)·‖fc2 column j‖, the unit's share of fc2's output.
+            `'first'` keeps units 0..k-1 (the seed paper's behaviour, fine from scratch).
     """
 
     keep: float | list[int] = 0.5
@@ -51,12 +54,19 @@ def kept_units(config: ShallowConfig, sites: list) -> list[int]:
     return widths
 
 
-@register_strategy('shallow', ShallowConfig, description='keep the most important hidden units of every MLP')
-def apply_shallow(model: nn.Module, sites: list, config: ShallowConfig) -> None:
+@register_strategy('shallow', ShallowConfig, uses_statistics=True,
+                   description='keep the most important hidden units of every MLP')
+def apply_shallow(model: nn.Module, sites: list, config: ShallowConfig,
+                  statistics: Mapping[str, MlpStatistics] | None = None) -> None:
     """Cut every MLP to its kept units, in place; kept units stay in their original order."""
     for site, k in zip(sites, kept_units(config, sites)):
         if config.importance == 'first':
             index = torch.arange(k)
         else:
-            index = torch.topk(unit_importance(site.mlp), k).indices.sort().values
+            if statistics is None:
+                score = unit_importance(site.mlp)
+            else:
+                column_norms = site.mlp.fc2.weight.detach().float().norm(dim=0)
+                score = statistics[site.path].hidden_energy.sqrt().to(column_norms) * column_norms
+            index = torch.topk(score, k).indices.sort().values
         select_units(site.mlp, index)

@@ -7,6 +7,13 @@ that W_k ≈ U V_k. The SVD is taken from the short side: the d x d Gram matrix 
 slice by slice, so C is never materialised) and its `eigh`, in float64.
 With scaling vectors (paper §5) every hidden unit (column of a slice) is normalised before the decomposition and its
 norm kept as a per-unit scale: W_k ≈ U V_k diag(scale_k).
+
+Data-aware (with `SliceData` from activation statistics) each slice's term of the Gram matrix is the second moment of
+what its truncation would lose, in output space, instead of W_k W_kᵀ: for an input linear (d side = input x,
+E[x xᵀ] = S) S^½ W_k W_kᵀ S^½; for fc2 (d side = output) E[y yᵀ] with y = W_k h (or W_k diag(E[h²]) W_kᵀ on
+normalised columns). Each term is rescaled to the trace ‖W_k‖²_F of its weight-only term, so the slices keep the
+weight-only init's relative weights and only the directions follow the data. An input linear's factor is then the
+least-squares fit on the data, V_k = (Uᵀ S U)⁻¹ Uᵀ S W_k, instead of the projection Uᵀ W_k (the same when r >= d).
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import torch
 
 from ...errors import ReduceError
 
-__all__ = ['Growth', 'GroupFactors', 'rank_for_budget', 'decompose_group', 'single_thread']
+__all__ = ['Growth', 'GroupFactors', 'SliceData', 'rank_for_budget', 'decompose_group', 'single_thread']
 
 
 @contextlib.contextmanager
@@ -52,6 +59,24 @@ class GroupFactors:
     @property
     def rank(self) -> int:
         return self.basis.shape[1]
+
+
+@dataclass
+class SliceData:
+    """Activation statistics of one slice's linear (float64, d x d / width), see `core.statistics`.
+
+    An input linear (fc1) gives `input_moment` E[x xᵀ]; fc2 gives `hidden_energy` E[h²] per column and
+    `output_moment` E[y yᵀ] of y = W h."""
+
+    input_moment: torch.Tensor | None = None
+    hidden_energy: torch.Tensor | None = None
+    output_moment: torch.Tensor | None = None
+
+
+def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+    with single_thread():
+        values, vectors = torch.linalg.eigh(m)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
 
 
 def rank_for_budget(dim: int, widths: Sequence[int], budget: float, sparsity: float) -> int:
@@ -88,6 +113,7 @@ def decompose_group(
         generator: torch.Generator | None = None,
         scaling_vectors: bool = False,
         names: Sequence[str] | None = None,
+        data: Sequence[SliceData | None] | None = None,
 ) -> GroupFactors:
     """Shared basis and per-slice factors of `slices` (each d x width_k), at `rank`.
 
@@ -100,7 +126,8 @@ def decompose_group(
         extra components going to the top directions in order (cycled when rank - d > d).
     The result has the dtype and device of the slices. On the meta device only the shapes are produced (size
     arithmetic without memory). With rank >= d and no pruning, U V_k reproduces each slice up to the round-off of
-    the dtype.
+    the dtype. With `data` (one entry per slice, None for a slice without), the Gram terms and input linears'
+    factors are data-aware (see the module docstring).
 
     Raises:
         ReduceError: slices of different heights, NaN or infinite weights (named with `names`), unknown growth.
@@ -129,10 +156,17 @@ def decompose_group(
         scales[i].copy_(norms)
         return w / norms
 
+    def stats(i: int) -> SliceData | None:
+        return data[i] if data is not None else None
+
     gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
     for i in range(len(slices)):
         w = prepared(i)
-        gram.addmm_(w, w.T)
+        term = _data_term(w, stats(i), device, normalised=scales is not None)
+        if term is None:
+            gram.addmm_(w, w.T)
+        else:
+            gram.add_(term)
         if not torch.isfinite(gram).all():
             where = names[i] if names is not None else f'slice {i}'
             raise ReduceError(f'fips: {where} contains NaN or infinite values; cannot decompose it.')
@@ -147,6 +181,9 @@ def decompose_group(
         w = slices[i].to(compute) if scales is None else prepared(i).to(compute)
         v = torch.empty(rank, widths[i], dtype=compute, device=device)
         torch.mm(projector, w, out=v[:keep])  # = (S Pᵀ)[:keep] of this slice, without dividing by singular values
+        moment = stats(i).input_moment if stats(i) is not None else None
+        if moment is not None and keep < dim:
+            v[:keep] = _refit(basis, w.to(torch.float64), moment.to(device=device, dtype=torch.float64)).to(compute)
         factors.append(v)
     if source is not None:
         extra = rank - dim
@@ -173,3 +210,33 @@ def decompose_group(
     if scales is not None:
         scales = [sc.to(dtype) for sc in scales]
     return GroupFactors(basis.to(dtype).contiguous(), [v.to(dtype) for v in factors], scales)
+
+
+def _data_term(w: torch.Tensor, stats: SliceData | None, device: torch.device,
+               normalised: bool) -> torch.Tensor | None:
+    """A slice's data-aware Gram term (float64, d x d), scaled to trace ‖w‖²_F; None without statistics."""
+    if stats is None:
+        return None
+    if stats.input_moment is not None:
+        root = _sqrt_psd(stats.input_moment.to(device=device, dtype=torch.float64))
+        rw = root @ w
+        term = rw @ rw.T
+    elif stats.output_moment is not None and not normalised:
+        term = stats.output_moment.to(device=device, dtype=torch.float64).clone()
+    elif stats.hidden_energy is not None:
+        term = (w * stats.hidden_energy.to(device=device, dtype=torch.float64)) @ w.T
+    else:
+        return None
+    trace = float(term.diagonal().sum())
+    if not math.isfinite(trace) or trace <= 0:
+        return None  # dead inputs: fall back to the weights' own term
+    return term * (float(w.pow(2).sum()) / trace)
+
+
+def _refit(basis: torch.Tensor, w: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """argmin_V E‖(w - basis V)ᵀ x‖² for E[x xᵀ] = moment: (Uᵀ S U)⁻¹ Uᵀ S w, with a tiny ridge (float64)."""
+    su = moment @ basis
+    lhs = basis.T @ su
+    ridge = 1e-9 * float(lhs.diagonal().mean().clamp_min(1e-30))
+    lhs = lhs + ridge * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device)
+    return torch.linalg.solve(lhs, su.T @ w)

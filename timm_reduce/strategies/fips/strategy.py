@@ -8,18 +8,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 from torch import nn
 
 from ...core.discovery import MlpSite, resolve_groups
 from ...errors import ReduceError
-from .decompose import decompose_group, rank_for_budget
+from .decompose import SliceData, decompose_group, rank_for_budget
 from .layers import FipsBasis, FipsLinear
 from .sparsity import fips_layers, make_hooks, prune
 from ...core.hidden_units import input_linears
 from ...core.registry import register_strategy
+from ...core.statistics import MlpStatistics
 
 __all__ = ['FipsConfig', 'apply_fips', 'group_slices']
 
@@ -151,10 +152,19 @@ def _check_mlp(site: MlpSite) -> None:
                           f'{mlp.fc2.out_features} features; a shared basis needs the same dimension in and out.')
 
 
-@register_strategy('fips', FipsConfig, calibration_hooks=make_hooks,
+def _slice_data(stats: MlpStatistics, transposed: bool) -> SliceData:
+    if transposed:  # an input linear: its d side reads the MLP input
+        return SliceData(input_moment=stats.input_moment)
+    return SliceData(hidden_energy=stats.hidden_energy, output_moment=stats.output_moment)
+
+
+@register_strategy('fips', FipsConfig, calibration_hooks=make_hooks, uses_statistics=True,
                    description='shared SVD basis per group of MLPs + sparse per-layer factors (calibrate to recover)')
-def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig) -> None:
-    """Replace every MLP linear by a FipsLinear over its group's shared basis, then prune to the start sparsity."""
+def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig,
+               statistics: Mapping[str, MlpStatistics] | None = None) -> None:
+    """Replace every MLP linear by a FipsLinear over its group's shared basis, then prune to the start sparsity.
+
+    With `statistics` the basis and factors are data-aware (`decompose_group`'s `data`); else from the weights."""
     if len({id(s.mlp) for s in sites}) != len(sites):
         raise ReduceError('fips: some blocks share one MLP module (e.g. after `grouped`); fips needs one MLP per '
                           'block. Apply fips to the unshared model.')
@@ -182,8 +192,9 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig) -> No
     decomposed = []  # decompose every group (NaN checks included) before installing any
     for members, slices, owners, rank in plans:
         names = [f'{site.path}.mlp.{name}.weight' for site, name, _ in owners]
+        data = None if statistics is None else [_slice_data(statistics[site.path], t) for site, _, t in owners]
         decomposed.append(decompose_group(slices, rank, config.growth, config.beta, generator,
-                                          config.scaling_vectors, names))
+                                          config.scaling_vectors, names, data))
     for (members, slices, owners, rank), parts in zip(plans, decomposed):
         basis = FipsBasis(parts.basis, [s.path for s in members])
         basis.weight.requires_grad_(any(getattr(s.mlp, n).weight.requires_grad for s, n, _ in owners))
