@@ -1,7 +1,7 @@
 """Activation statistics of every MLP, measured on calibration images, for data-aware initialisation.
 
 `collect_statistics` runs the model (unchanged, in eval mode, without gradients) over image batches and, for every MLP
-block, accumulates in float64 over all tokens of all images:
+block, accumulates over all tokens of all images (per batch in float32, across batches in float64):
   input_moment   E[x xᵀ]        (d x d) of the MLP's input x (what its input linears read);
   hidden_energy  E[h_j²]        (width) of fc2's input h (the hidden units after activation / norm);
   output_moment  E[y yᵀ]        (d x d) of y = fc2.weight · h (fc2's output without its bias).
@@ -42,16 +42,17 @@ class _Accumulator:
         self.y = torch.zeros(d, d, dtype=torch.float64, device=device)
         self.tokens = 0
 
+    # each batch's sums in float32 (fast everywhere; float64 matmuls crawl on most GPUs), added up in float64
     def on_input(self, _module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-        self.x.addmm_(x.T, x)
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        self.x.add_(x.T @ x)
         self.tokens += x.shape[0]
 
     def on_hidden(self, _module: nn.Module, args: tuple) -> None:
-        h = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+        h = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         self.h.add_(h.pow(2).sum(0))
-        y = h @ self.mlp.fc2.weight.detach().to(torch.float64).T
-        self.y.addmm_(y.T, y)
+        y = h @ self.mlp.fc2.weight.detach().float().T
+        self.y.add_(y.T @ y)
 
 
 @torch.no_grad()
