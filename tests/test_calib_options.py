@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import timm_reduce
 from timm_reduce import ReduceError, get_strategy
-from timm_reduce.calibration import calibrate, calibration_report, compress
+from timm_reduce.calibration import CalibrationConfig, calibrate, calibration_report, compress
+from timm_reduce.calibration.config import recipe_defaults
 from timm_reduce.strategies.fips import FipsConfig, fips_layers
 from timm_reduce.strategies.fips.sparsity import derived_delta_t, keep_count
 
@@ -74,7 +75,7 @@ def test_an_explicit_delta_t_keeps_its_schedule():
 def test_fips_distillation_lowers_output_kl_and_keeps_masks_exact(sparsifier):
     data, teacher = image_batches(), tiny_vit()
     opts = dict(**FIPS, sparsifier=sparsifier, **FAST)
-    plain = compress(copy.deepcopy(teacher), 'fips', data=data, **opts)
+    plain = compress(copy.deepcopy(teacher), 'fips', data=data, distill_epochs=0, **opts)
     distilled = compress(copy.deepcopy(teacher), 'fips', data=data, distill_epochs=4, **opts)
     assert _output_kl(distilled, teacher, data) < 0.8 * _output_kl(plain, teacher, data)
     _assert_masks_exact(plain, 0.5)
@@ -94,7 +95,7 @@ def test_fips_distillation_lowers_output_kl_and_keeps_masks_exact(sparsifier):
 @pytest.mark.parametrize('strategy,options', [('shallow', {'keep': 0.5}), ('grouped', {'group_size': 2})])
 def test_distillation_works_for_every_strategy(strategy, options):
     data, teacher = image_batches(), tiny_vit()
-    plain = compress(copy.deepcopy(teacher), strategy, data=data, **options, **FAST)
+    plain = compress(copy.deepcopy(teacher), strategy, data=data, distill_epochs=0, **options, **FAST)
     distilled = compress(copy.deepcopy(teacher), strategy, data=data, distill_epochs=3, **options, **FAST)
     assert _output_kl(distilled, teacher, data) < _output_kl(plain, teacher, data)
     changed = {k for k, v in distilled.state_dict().items() if not torch.equal(v, plain.state_dict()[k])}
@@ -354,3 +355,15 @@ def test_calibration_inputs_change_the_result_and_are_part_of_the_fingerprint(tm
         compress(tiny_vit(), 'shallow', data=data, checkpoint_dir=tmp_path, inputs='teacher', **base)
     with pytest.raises(ReduceError, match="inputs must be 'teacher', 'student' or 'mix'"):
         compress(tiny_vit(), 'shallow', data=data, inputs='previous', **base)
+
+
+def test_distillation_default_is_half_the_blockwise_epochs():
+    assert CalibrationConfig().distill_epochs == 10  # after the default 20 block-wise epochs
+    assert CalibrationConfig(epochs=5).distill_epochs == 2 and CalibrationConfig(epochs=1).distill_epochs == 0
+    assert CalibrationConfig(epochs=5, distill_epochs=0).distill_epochs == 0
+    assert CalibrationConfig(**recipe_defaults('paper')).distill_epochs == 0
+    report = calibration_report(compress(tiny_vit(), 'shallow', data=image_batches(n=2), keep=0.5, epochs=4,
+                                         batches=2))
+    assert report.distill_epochs == report.distill_epochs_done == 2 and len(report.distill_loss) == 2
+    with pytest.raises(ReduceError, match=r'distill_epochs must be an integer >= 0 .* or None'):
+        CalibrationConfig(distill_epochs=-1)

@@ -25,7 +25,7 @@ from timm_reduce.calibration.checkpoint import CHECKPOINT_NAME, MAGIC, save_chec
 
 from calib_helpers import image_batches, tiny_vit
 
-OPTS = dict(group_size=2, epochs=3, batches=2, lr=2e-3, seed=3)
+OPTS = dict(group_size=2, epochs=3, batches=2, lr=2e-3, seed=3, distill_epochs=0)  # block-wise epochs only
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -144,7 +144,7 @@ def test_hooks_are_called_in_order_and_masked_entries_stay_zero():
     teacher = tiny_vit()
     model = timm_reduce.reduce(copy.deepcopy(teacher), 'shallow', keep=0.75)
     hooks = MaskHooks(model)
-    calibrate(model, teacher, image_batches(n=3), hooks=hooks, epochs=2, lr=1e-2, batches=3)
+    calibrate(model, teacher, image_batches(n=3), hooks=hooks, epochs=2, lr=1e-2, batches=3, distill_epochs=0)
     assert hooks.calls[0] == ('setup', 6)
     assert hooks.calls[1:] == [(kind, s) for s in range(6) for kind in ('backward', 'step')]
     for k, w in hooks.weights.items():
@@ -221,7 +221,7 @@ def test_calibrate_rejects_a_teacher_with_other_blocks():
 
 
 def test_memory_estimate_formula():
-    config = CalibrationConfig(cache='bf16')
+    config = CalibrationConfig(cache='bf16', distill_epochs=0)  # the block-wise formula
     est = estimate_memory(config, trainable_params=1000, image_shape=(8, 3, 32, 32), batches=4,
                           block_shapes=[(136, 32, 128, False)] + [(136, 32, 128, True)] * 3)
     assert est['images'] == 4 * 4 * 8 * 3 * 32 * 32
