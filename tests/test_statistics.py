@@ -183,3 +183,12 @@ def test_init_from_does_not_collide_with_a_strategy_option():
     model = timm_reduce.compress(tiny_vit(), 'grouped', image_batches(n=2), group_size=2, init='first', epochs=1)
     assert model._timm_reduce_record.recipe[-1].config.init == 'first'
     assert timm_reduce.calibration_report(model).init_from == 'weights'
+
+
+def test_dead_inputs_fall_back_to_the_weights():
+    d, h, r = 8, 16, 3
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(d, h, generator=g, dtype=torch.float64)
+    dead = [SliceData(input_moment=torch.zeros(d, d, dtype=torch.float64))]
+    aware, plain = decompose_group([a], r, data=dead), decompose_group([a], r)
+    torch.testing.assert_close(aware.basis @ aware.factors[0], plain.basis @ plain.factors[0])

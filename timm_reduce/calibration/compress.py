@@ -78,14 +78,15 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
     teacher.eval()
     teacher.requires_grad_(False)
     try:
-        tic = time.perf_counter()
-        statistics = None
+        statistics, spent = None, 0.0
         if config.init_from == 'activations' and registered.uses_statistics:
+            tic = time.perf_counter()
             statistics = collect_statistics(teacher, _on_device(collected.batches, teacher))
-        spent = time.perf_counter() - tic
+            spent = time.perf_counter() - tic
         reduce(model, spec, statistics=statistics)
         report = calibrate_collected(model, teacher, collected, config, 'auto')
-        report.init_from, report.statistics_time = ('activations', spent) if statistics is not None else ('weights', 0.0)
+        report.init_from = 'weights' if statistics is None else 'activations'
+        report.statistics_time = spent
     except BaseException:
         _put_back(model, teacher, modes, flags)
         raise

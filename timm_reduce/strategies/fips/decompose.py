@@ -182,7 +182,7 @@ def decompose_group(
         v = torch.empty(rank, widths[i], dtype=compute, device=device)
         torch.mm(projector, w, out=v[:keep])  # = (S Pᵀ)[:keep] of this slice, without dividing by singular values
         moment = stats(i).input_moment if stats(i) is not None else None
-        if moment is not None and keep < dim:
+        if moment is not None and keep < dim and float(moment.diagonal().sum()) > 0:  # dead inputs: keep Uᵀ W
             v[:keep] = _refit(basis, w.to(torch.float64), moment.to(device=device, dtype=torch.float64)).to(compute)
         factors.append(v)
     if source is not None:
