@@ -17,8 +17,8 @@ from . import strategies  # noqa: F401  (registers the built-in strategies)
 from .persistence import entrypoint  # noqa: F401  (registers the `timm_reduce` timm model)
 
 __all__ = [
-    'CalibrationConfig', 'CalibrationReport', 'HubError', 'MlpSite', 'MlpStatistics', 'ReduceError', 'ReduceSpec', 'Strategy',
-    'UnsupportedModelError', 'calibrate', 'calibration_report', 'collect_statistics', 'compress', 'find_mlp_sites', 'format_summary',
-    'get_record', 'get_strategy', 'list_strategies', 'load_pretrained', 'materialize', 'push_to_hub', 'reduce',
-    'register_strategy', 'save_pretrained', 'summary', 'unique_parameters',
+    'CalibrationConfig', 'CalibrationReport', 'HubError', 'MlpSite', 'MlpStatistics', 'ReduceError', 'ReduceSpec',
+    'Strategy', 'UnsupportedModelError', 'calibrate', 'calibration_report', 'collect_statistics', 'compress',
+    'find_mlp_sites', 'format_summary', 'get_record', 'get_strategy', 'list_strategies', 'load_pretrained',
+    'materialize', 'push_to_hub', 'reduce', 'register_strategy', 'save_pretrained', 'summary', 'unique_parameters',
 ]

@@ -60,8 +60,8 @@ def calibrate(
             and batch are named). On any error the model's MLP weights and buffers are put back as they were.
     """
     if 'init_from' in options:
-        raise ReduceError("calibrate() gets a model already reduced; init_from= (how the reduced MLPs start) is an option "
-                          "of compress(), which reduces and calibrates in one call.")
+        raise ReduceError("calibrate() gets a model already reduced; init_from= (how the reduced MLPs start) is an "
+                          "option of compress(), which reduces and calibrates in one call.")
     if config is None:
         unknown = sorted(set(options) - set(CalibrationConfig.option_names()))
         if unknown:
