@@ -40,9 +40,12 @@ def _unit_rows(mlp: nn.Module, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def unit_importance(mlp: nn.Module) -> torch.Tensor:
-    """Magnitude importance per unit: product of the norms of the unit's fc1 rows and its fc2 column (float32)."""
+def unit_importance(mlp: nn.Module, hidden_energy: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance per unit (float32): the norm of its fc2 column times, by default, the norms of its fc1 rows (and a
+    hidden-sized norm's weight); with `hidden_energy` (measured E[h_j²] of fc2's input) times its RMS instead."""
     score = mlp.fc2.weight.detach().float().norm(dim=0)
+    if hidden_energy is not None:
+        return score * hidden_energy.sqrt().to(score)
     for name in input_linears(mlp):
         rows = _unit_rows(mlp, name).float()  # (h, k, in): k = 2 for GluMlp's gate/value pair
         score = score * rows.norm(dim=-1).prod(dim=1)

@@ -63,10 +63,6 @@ def apply_shallow(model: nn.Module, sites: list, config: ShallowConfig,
         if config.importance == 'first':
             index = torch.arange(k)
         else:
-            if statistics is None:
-                score = unit_importance(site.mlp)
-            else:
-                column_norms = site.mlp.fc2.weight.detach().float().norm(dim=0)
-                score = statistics[site.path].hidden_energy.sqrt().to(column_norms) * column_norms
-            index = torch.topk(score, k).indices.sort().values
+            energy = statistics[site.path].hidden_energy if statistics is not None else None
+            index = torch.topk(unit_importance(site.mlp, energy), k).indices.sort().values
         select_units(site.mlp, index)

@@ -159,10 +159,11 @@ def decompose_group(
     def stats(i: int) -> SliceData | None:
         return data[i] if data is not None else None
 
+    roots: dict[int, torch.Tensor] = {}  # S^½ per input moment: SwiGLU's two input linears share one
     gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
     for i in range(len(slices)):
         w = prepared(i)
-        term = _data_term(w, stats(i), device, normalised=scales is not None)
+        term = _data_term(w, stats(i), device, scales is not None, roots)
         if term is None:
             gram.addmm_(w, w.T)
         else:
@@ -212,14 +213,17 @@ def decompose_group(
     return GroupFactors(basis.to(dtype).contiguous(), [v.to(dtype) for v in factors], scales)
 
 
-def _data_term(w: torch.Tensor, stats: SliceData | None, device: torch.device,
-               normalised: bool) -> torch.Tensor | None:
-    """A slice's data-aware Gram term (float64, d x d), scaled to trace ‖w‖²_F; None without statistics."""
+def _data_term(w: torch.Tensor, stats: SliceData | None, device: torch.device, normalised: bool,
+               roots: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """A slice's data-aware Gram term (float64, d x d), scaled to trace ‖w‖²_F; None without statistics.
+    `roots` caches S^½ by the moment tensor's id."""
     if stats is None:
         return None
     if stats.input_moment is not None:
-        root = _sqrt_psd(stats.input_moment.to(device=device, dtype=torch.float64))
-        rw = root @ w
+        key = id(stats.input_moment)
+        if key not in roots:
+            roots[key] = _sqrt_psd(stats.input_moment.to(device=device, dtype=torch.float64))
+        rw = roots[key] @ w
         term = rw @ rw.T
     elif stats.output_moment is not None and not normalised:
         term = stats.output_moment.to(device=device, dtype=torch.float64).clone()
