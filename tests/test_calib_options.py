@@ -249,7 +249,7 @@ def test_eval_batches_bounds_the_evaluation():
 
 # --------------------------------------------------------------------------------------------------- recipes
 PAPER_FIPS = dict(sparsifier='gmp', pruning='global', s0=0.25, delta_t=50, t0=0.0, t_end=0.75, drop_fraction=0.3,
-                  growth='hybrid', beta=32.0, scaling_vectors=False)
+                  growth='hybrid', beta=32.0, scaling_vectors=False, allocation='uniform')
 PAPER_CALIBRATION = dict(weight_decay=0.05, distill_epochs=0, eval_batches=None, inputs='teacher',
                          init_from='weights')  # the paper's
 

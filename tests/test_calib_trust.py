@@ -121,8 +121,18 @@ def test_overflowing_batch_stops_with_epoch_step_and_batch_and_restores_the_mode
     """Finite but huge pixels overflow inside the network: the loss is NaN at the step of that batch."""
     data = image_batches(n=3)
     data[2] = data[2] * 1e30
+    # init='first' reads no activation statistics: the overflow meets the calibration's own check
     _refused('grouped', data, r'loss of block blocks\.\d is nan at epoch 1, step 3 of 3 \(calibration batch 2\)',
-             group_size=2, epochs=2, batches=3, shuffle=False)
+             group_size=2, init='first', epochs=2, batches=3, shuffle=False)
+
+
+@pytest.mark.parametrize('strategy,options', [('grouped', {'group_size': 2}), ('fips', {'budget': 0.5}),
+                                              ('shallow', {'allocation': 'sensitivity'})])
+def test_overflowing_batch_stops_the_statistics_naming_the_batch(strategy, options):
+    data = image_batches(n=3)
+    data[1] = data[1] * 1e30
+    _refused(strategy, data, r'activations of block blocks\.\d overflowed on calibration batch 1', shuffle=False,
+             **options)
 
 
 def test_nonfinite_loss_mid_run_restores_the_model_after_reduce_and_training():
@@ -452,7 +462,8 @@ dist.init_process_group('gloo')
 data = image_batches(n=4)
 data[3] = data[3] * 1e30  # finite, overflows in the network: rank 1's second batch
 try:
-    timm_reduce.compress(tiny_vit(), 'grouped', data=data, group_size=2, epochs=2, batches=4, shuffle=False)
+    timm_reduce.compress(tiny_vit(), 'grouped', data=data, group_size=2, init=sys.argv[2], epochs=2, batches=4,
+                         shuffle=False)
     message = 'no error'
 except timm_reduce.ReduceError as e:
     message = str(e)
@@ -461,9 +472,11 @@ dist.destroy_process_group()
 '''
 
 
-def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
+@pytest.mark.parametrize('init', ['first', 'mean'])
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path, init):
     """Rank 1 alone sees the overflow; the flag rides on the gradient all-reduce, so both ranks stop at the same
-    step (no hang) and rank 1 names the batch."""
+    step (no hang) and rank 1 names the batch. With init='mean' the activation statistics overflow first: both
+    ranks stop there."""
     import subprocess
     import sys
 
@@ -471,12 +484,16 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
     (tmp_path / 'worker.py').write_text(_WORKER)
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(here.parent), str(here)]), 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           str(tmp_path / 'worker.py'), str(tmp_path)]
+           str(tmp_path / 'worker.py'), str(tmp_path), init]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = ((tmp_path / f'rank{r}.txt').read_text() for r in range(2))
-    assert 'another process hit a NaN or infinite loss at epoch 1, step 2 of 2' in r0
-    assert 'at epoch 1, step 2 of 2 (calibration batch 3)' in r1
+    if init == 'first':
+        assert 'another process hit a NaN or infinite loss at epoch 1, step 2 of 2' in r0
+        assert 'at epoch 1, step 2 of 2 (calibration batch 3)' in r1
+    else:
+        assert 'activations overflowed on another process' in r0
+        assert 'overflowed on calibration batch 3' in r1
 
 
 def test_cli_resume_flag(tmp_path, capsys):

@@ -154,7 +154,7 @@ def test_paper_recipe_and_strategies_without_statistics_start_from_weights():
     batches = image_batches(n=2)
     model = timm_reduce.compress(tiny_vit(), 'fips', batches, budget=0.3, epochs=1, recipe='paper')
     assert timm_reduce.calibration_report(model).init_from == 'weights'
-    model = timm_reduce.compress(tiny_vit(), 'grouped', batches, group_size=2, epochs=1)
+    model = timm_reduce.compress(tiny_vit(), 'morphreuse', batches, epochs=1)
     assert timm_reduce.calibration_report(model).init_from == 'weights'
 
 
@@ -182,7 +182,7 @@ def test_init_from_does_not_collide_with_a_strategy_option():
     # grouped has its own `init` ('mean' | 'scale' | 'first'): the calibration option must not take it
     model = timm_reduce.compress(tiny_vit(), 'grouped', image_batches(n=2), group_size=2, init='first', epochs=1)
     assert model._timm_reduce_record.recipe[-1].config.init == 'first'
-    assert timm_reduce.calibration_report(model).init_from == 'weights'
+    assert timm_reduce.calibration_report(model).init_from == 'weights'  # 'first' reads no statistics
 
 
 def test_dead_inputs_fall_back_to_the_weights():
@@ -192,3 +192,48 @@ def test_dead_inputs_fall_back_to_the_weights():
     dead = [SliceData(input_moment=torch.zeros(d, d, dtype=torch.float64))]
     aware, plain = decompose_group([a], r, data=dead), decompose_group([a], r)
     torch.testing.assert_close(aware.basis @ aware.factors[0], plain.basis @ plain.factors[0])
+
+
+def test_grouped_mean_weighted_by_activations_is_the_least_squares_fit():
+    model, batches = tiny_vit(), image_batches(n=3)
+    ref = _captured(model, batches)
+    stats = collect_statistics(model, batches)
+    reduced = timm_reduce.reduce(copy.deepcopy(model), 'grouped', group_size=2, statistics=stats)
+    plain = timm_reduce.reduce(copy.deepcopy(model), 'grouped', group_size=2)
+
+    def plain_w(group):
+        return plain.blocks[group[0]].mlp.fc1.weight.double()
+
+    for group in ((0, 1), (2, 3)):
+        mlps = [model.blocks[i].mlp for i in group]
+        shared = reduced.blocks[group[0]].mlp
+        assert reduced.blocks[group[1]].mlp is shared
+        # fc1: argmin_W Σ_b Σ_tokens ‖(W - W_b) x‖², solved on the stacked tokens in float64
+        xs = [torch.cat([t.reshape(-1, t.shape[-1]) for t in ref[f'blocks.{i}']['x']]).double() for i in group]
+        targets = torch.cat([x @ m.fc1.weight.double().T for x, m in zip(xs, mlps)])
+        x = torch.cat(xs)
+        best = x @ torch.linalg.lstsq(x, targets).solution
+        got = x @ shared.fc1.weight.double().T
+        assert (got - targets).pow(2).sum() <= (best - targets).pow(2).sum() * 1.01  # float32 moments, ridge
+        assert (got - targets).pow(2).sum() < 0.9 * (x @ plain_w(group).T - targets).pow(2).sum()
+        # LayerNorm's output has no component along the all-ones direction: there W keeps the plain mean
+        ones = torch.ones(x.shape[1], dtype=torch.float64)
+        assert float((x @ ones).abs().max()) < 1e-4
+        torch.testing.assert_close(shared.fc1.weight.double() @ ones, plain_w(group) @ ones, rtol=1e-3, atol=1e-4)
+        # fc2: each column averaged with the weights E[h_j²] of the members
+        hs = [torch.cat([t.reshape(-1, t.shape[-1]) for t in ref[f'blocks.{i}']['h']]).double() for i in group]
+        e = torch.stack([h.pow(2).mean(0) for h in hs])
+        cols = torch.stack([m.fc2.weight.double() for m in mlps])
+        torch.testing.assert_close(shared.fc2.weight.double(), (cols * (e / e.sum(0))[:, None]).sum(0),
+                                   rtol=1e-4, atol=1e-6)
+        # biases stay the plain mean
+        torch.testing.assert_close(shared.fc1.bias, plain.blocks[group[0]].mlp.fc1.bias)
+        assert not torch.allclose(shared.fc1.weight, plain.blocks[group[0]].mlp.fc1.weight)
+
+
+def test_grouped_measures_statistics_only_for_the_mean_init():
+    batches = image_batches(n=2)
+    for init, expect in (('mean', 'activations'), ('first', 'weights')):
+        model = timm_reduce.compress(tiny_vit(), 'grouped', batches, group_size=2, init=init, epochs=1)
+        report = timm_reduce.calibration_report(model)
+        assert report.init_from == expect and (report.statistics_time > 0) == (expect == 'activations')

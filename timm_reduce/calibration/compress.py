@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from typing import Any, Iterable, Iterator
@@ -79,14 +80,22 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
     teacher.requires_grad_(False)
     try:
         statistics, spent = None, 0.0
-        if config.init_from == 'activations' and registered.uses_statistics:
+        sensitivity = getattr(spec.config, 'allocation', 'uniform') == 'sensitivity'
+        if registered.uses_statistics and ((config.init_from == 'activations' and registered.reads_statistics(
+                spec.config)) or sensitivity):
             tic = time.perf_counter()
-            statistics = collect_statistics(teacher, _on_device(collected.batches, teacher))
+            statistics = collect_statistics(teacher, _on_device(collected.batches, teacher), sensitivity,
+                                            config.seed, batch_name=lambda i: f'calibration batch {i * world + rank}')
+            if config.init_from == 'weights':  # only the sensitivities: the initialisation stays weight-only
+                statistics = {k: dataclasses.replace(v, input_moment=None, hidden_energy=None, output_moment=None)
+                              for k, v in statistics.items()}
             spent = time.perf_counter() - tic
         reduce(model, spec, statistics=statistics)
         report = calibrate_collected(model, teacher, collected, config, 'auto')
-        report.init_from = 'weights' if statistics is None else 'activations'
+        report.init_from = config.init_from if statistics is not None else 'weights'
         report.statistics_time = spent
+        recorded = get_record(model).recipe[-1].options
+        report.allocated = {k: v for k, v in recorded.items() if k not in spec.options or spec.options[k] != v}
     except BaseException:
         _put_back(model, teacher, modes, flags)
         raise

@@ -243,7 +243,9 @@ class CalibrationReport:
         epoch_time: seconds per epoch, block-wise and distillation epochs in order (this process).
         cache / cache_reason: the cache mode used and why (`cache='auto'` chooses by `cache_limit_gb`).
         init_from: `'activations'` when `compress()` initialised the reduced MLPs from activation statistics (taking
-            `statistics_time` seconds), else `'weights'`.
+            `statistics_time` seconds, the sensitivity pass included), else `'weights'`.
+        allocated: the options the strategy derived from the measured sensitivities (`allocation='sensitivity'`:
+            fips `ranks`, shallow `keep`), as recorded in the model's spec; empty otherwise.
         step_flops: FLOPs of one step on this rank (when `count_flops`), else None.
     """
 
@@ -262,6 +264,7 @@ class CalibrationReport:
     inputs: str = 'teacher'
     init_from: str = 'weights'
     statistics_time: float = 0.0
+    allocated: dict[str, Any] = field(default_factory=dict)
     resumed_from: int = 0
     completed: bool = False
     distill_epochs: int = 0
@@ -292,6 +295,9 @@ class CalibrationReport:
                  + (f', resumed after epoch {self.resumed_from}' if self.resumed_from else '')]
         if self.cache_reason:
             lines.append(f'cache          {self.cache_reason}')
+        if self.allocated:
+            lines.append('allocation     by sensitivity (' + ', '.join(f'{k}={v}' for k, v in self.allocated.items())
+                         + f'; measured in {self.statistics_time:.1f} s)')
         if self.epoch_loss:
             lines.append('epoch loss     ' + ' '.join(f'{v:.4g}' for v in self.epoch_loss))
         if self.distill_epochs:

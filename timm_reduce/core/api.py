@@ -96,9 +96,11 @@ def reduce(model: nn.Module, strategy: str | ReduceSpec, *, statistics: Mapping[
             raise ReduceError(f'reduce: statistics lack block(s) {", ".join(missing[:4])}; collect them on this '
                               f'model with timm_reduce.collect_statistics before reducing it.')
     if strat.uses_statistics:
-        strat.apply(model, sites, config, statistics=statistics)
+        resolved = strat.apply(model, sites, config, statistics=statistics)
     else:
-        strat.apply(model, sites, config)
+        resolved = strat.apply(model, sites, config)
+    if resolved:  # options the strategy derived from data (e.g. fips ranks): recorded so the shapes rebuild
+        spec = ReduceSpec(spec.strategy, {**spec.options, **resolved})
     record.recipe.append(spec)
     set_record(model, record)
     _logger.info(f'Applied {spec} to {type(model).__name__}: {count_unique(model):,} unique params.')

@@ -15,7 +15,7 @@ from .values import check_value
 
 __all__ = ['Strategy', 'register_strategy', 'get_strategy', 'list_strategies']
 
-ApplyFn = Callable[[nn.Module, list, Any], None]
+ApplyFn = Callable[..., 'Mapping[str, Any] | None']
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Strategy:
         name: registry key, e.g. `'grouped'`.
         config_cls: dataclass of the options; `__post_init__` validates values.
         apply: `apply(model, sites, config)` transforms `model` in place (sites from `discovery.find_mlp_sites`).
+            It may return a dict of options it derived from data (e.g. fips's `ranks`): they are added to the
+            recorded spec, so that replaying it on a fresh model builds the same shapes without the data.
         description: one line for `list_strategies` and the CLI.
         creation_kwargs: optional `fn(config) -> dict` of timm kwargs that build the reduced shape directly
             (e.g. `thin` -> `{'mlp_ratio': r}`), used when the strategy is the first step at creation time.
@@ -36,6 +38,8 @@ class Strategy:
         uses_statistics: whether `apply` takes activation statistics: it is then called as
             `apply(model, sites, config, statistics=...)` with `{block path: MlpStatistics}` or None (see
             `core.statistics`; `compress(init_from='activations')` measures them on the calibration images).
+        statistics_for: optional `fn(config) -> bool`: whether `apply` reads the statistics with these options
+            (e.g. grouped only for `init='mean'`), so `compress()` measures them only then; default: always.
     """
 
     name: str
@@ -46,6 +50,11 @@ class Strategy:
     calibration_hooks: Callable[[nn.Module, Any], Any] | None = None
     reads_weights: bool = True
     uses_statistics: bool = False
+    statistics_for: Callable[[Any], bool] | None = None
+
+    def reads_statistics(self, config: Any) -> bool:
+        """Whether `apply` with `config` reads activation statistics (worth measuring them)."""
+        return self.uses_statistics and (self.statistics_for is None or bool(self.statistics_for(config)))
 
     @property
     def option_names(self) -> list[str]:
@@ -130,6 +139,7 @@ def register_strategy(
         calibration_hooks: Callable[[nn.Module, Any], Any] | None = None,
         reads_weights: bool = True,
         uses_statistics: bool = False,
+        statistics_for: Callable[[Any], bool] | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator registering `apply(model, sites, config)` as strategy `name` with options `config_cls`.
 
@@ -147,7 +157,7 @@ def register_strategy(
         if name in _STRATEGIES and _STRATEGIES[name].apply is not fn:
             raise ReduceError(f'Strategy {name!r} is already registered.')
         _STRATEGIES[name] = Strategy(name, config_cls, fn, description, creation_kwargs, calibration_hooks,
-                                     reads_weights, uses_statistics)
+                                     reads_weights, uses_statistics, statistics_for)
         return fn
 
     return decorator

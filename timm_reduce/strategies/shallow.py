@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import ReduceError
-from ..core.hidden_units import hidden_units, select_units, unit_importance
+from ..core.allocation import allocate
+from ..core.hidden_units import hidden_units, input_linears, select_units, unit_importance
 from ..core.registry import register_strategy
 from ..core.statistics import MlpStatistics
 
@@ -24,10 +25,17 @@ class ShallowConfig:
             weights); with activation statistics (`compress(init_from='activations')`) the measured RMS of the unit's
             activation replaces ‖fc1 row‖: RMS(h_j)·‖fc2 column j‖, the unit's share of fc2's output.
             `'first'` keeps units 0..k-1 (the seed paper's behaviour, fine from scratch).
+        allocation: how a fractional `keep` is spread over the blocks. `'uniform'`: every block keeps `keep` of its
+            units. `'sensitivity'`: the same total of unit weights, kept where they matter most: units of all
+            blocks ranked by their share of their block's output energy (importance², normalised per block) times
+            the block's measured sensitivity (`collect_statistics(..., sensitivity=True)`; `compress()` measures
+            it), each block keeping between half and twice its uniform width. Needs those statistics; the widths
+            it picks are written into `keep` of the recorded spec.
     """
 
     keep: float | list[int] = 0.5
     importance: Literal['magnitude', 'first'] = 'magnitude'
+    allocation: Literal['uniform', 'sensitivity'] = 'uniform'
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, list):
@@ -38,6 +46,9 @@ class ShallowConfig:
         elif not 0 < self.keep <= 1:
             raise ReduceError(f'shallow: keep must be a fraction in (0, 1] or a list of per-block widths, '
                               f'got {self.keep}.')
+        if self.allocation == 'sensitivity' and self.importance == 'first':
+            raise ReduceError("shallow: allocation='sensitivity' ranks units by importance; it needs "
+                              "importance='magnitude', not 'first'.")
 
 
 def kept_units(config: ShallowConfig, sites: list) -> list[int]:
@@ -54,15 +65,47 @@ def kept_units(config: ShallowConfig, sites: list) -> list[int]:
     return widths
 
 
+def _unit_cost(mlp: nn.Module) -> int:
+    """Weights one hidden unit holds: its fc1 row(s) and its fc2 column."""
+    rows = sum(getattr(mlp, n).weight.shape[1] * getattr(mlp, n).weight.shape[0] // hidden_units(mlp)
+               for n in input_linears(mlp))
+    return rows + mlp.fc2.out_features
+
+
+def _sensitivity_widths(sites: list, uniform: list[int], importances: list[torch.Tensor],
+                        statistics: Mapping[str, MlpStatistics] | None) -> list[int]:
+    """Units per block for `allocation='sensitivity'`, within the uniform widths' total of unit weights."""
+    if statistics is None or any(statistics[s.path].sensitivity is None for s in sites):
+        raise ReduceError("shallow: allocation='sensitivity' needs each block's measured sensitivity: use "
+                          "compress() (it measures it on the calibration images), or pass reduce(..., statistics="
+                          "collect_statistics(model, batches, sensitivity=True)); or give keep=[...] per block.")
+    costs = [_unit_cost(s.mlp) for s in sites]
+    gains = []
+    for site, score in zip(sites, importances):
+        energy = score.double().pow(2)
+        total = float(energy.sum())
+        share = energy.sort(descending=True).values / total if total > 0 else torch.zeros_like(energy)
+        gains.append((share * statistics[site.path].sensitivity).tolist())
+    budget = sum(k * c for k, c in zip(uniform, costs))
+    return allocate(costs, gains, budget, [max(1, k // 2) for k in uniform],
+                    [min(hidden_units(s.mlp), 2 * k) for s, k in zip(sites, uniform)])
+
+
 @register_strategy('shallow', ShallowConfig, uses_statistics=True,
                    description='keep the most important hidden units of every MLP')
 def apply_shallow(model: nn.Module, sites: list, config: ShallowConfig,
-                  statistics: Mapping[str, MlpStatistics] | None = None) -> None:
-    """Cut every MLP to its kept units, in place; kept units stay in their original order."""
-    for site, k in zip(sites, kept_units(config, sites)):
-        if config.importance == 'first':
-            index = torch.arange(k)
-        else:
-            energy = statistics[site.path].hidden_energy if statistics is not None else None
-            index = torch.topk(unit_importance(site.mlp, energy), k).indices.sort().values
+                  statistics: Mapping[str, MlpStatistics] | None = None) -> dict[str, Any] | None:
+    """Cut every MLP to its kept units, in place; kept units stay in their original order. Returns
+    `{'keep': [...]}` when `allocation='sensitivity'` chose the widths (for the recorded spec)."""
+    widths = kept_units(config, sites)
+    scores = None
+    if config.importance == 'magnitude':
+        scores = [unit_importance(s.mlp, statistics[s.path].hidden_energy if statistics is not None else None)
+                  for s in sites]
+    chosen = None
+    if config.allocation == 'sensitivity' and not isinstance(config.keep, list):
+        widths = chosen = _sensitivity_widths(sites, widths, scores, statistics)
+    for i, (site, k) in enumerate(zip(sites, widths)):
+        index = torch.arange(k) if scores is None else torch.topk(scores[i], k).indices.sort().values
         select_units(site.mlp, index)
+    return {'keep': chosen} if chosen is not None else None

@@ -26,7 +26,8 @@ import torch
 
 from ...errors import ReduceError
 
-__all__ = ['Growth', 'GroupFactors', 'SliceData', 'rank_for_budget', 'decompose_group', 'single_thread']
+__all__ = ['Growth', 'GroupFactors', 'SliceData', 'rank_for_budget', 'decompose_group', 'group_spectrum',
+           'single_thread']
 
 
 @contextlib.contextmanager
@@ -146,31 +147,10 @@ def decompose_group(
         return GroupFactors(basis, [torch.empty(rank, w, dtype=dtype, device=device) for w in widths], scales)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
 
-    def prepared(i: int) -> torch.Tensor:
-        """Slice i in float64, its hidden units normalised with scaling vectors."""
-        w = slices[i].to(torch.float64)
-        if scales is None:
-            return w
-        norms = w.norm(dim=0)
-        norms = torch.where(norms > 0, norms, torch.ones_like(norms))  # an all-zero unit keeps scale 1
-        scales[i].copy_(norms)
-        return w / norms
-
     def stats(i: int) -> SliceData | None:
         return data[i] if data is not None else None
 
-    roots: dict[int, torch.Tensor] = {}  # S^½ per input moment: SwiGLU's two input linears share one
-    gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-    for i in range(len(slices)):
-        w = prepared(i)
-        term = _data_term(w, stats(i), device, scales is not None, roots)
-        if term is None:
-            gram.addmm_(w, w.T)
-        else:
-            gram.add_(term)
-        if not torch.isfinite(gram).all():
-            where = names[i] if names is not None else f'slice {i}'
-            raise ReduceError(f'fips: {where} contains NaN or infinite values; cannot decompose it.')
+    gram = _group_gram(slices, data, scales, names)
     with single_thread():
         _, eigvecs = torch.linalg.eigh(gram)
     keep = min(rank, dim)
@@ -179,7 +159,7 @@ def decompose_group(
     source, copies = _growth_plan(dim, rank, growth) if rank > dim else (None, None)
     factors = []
     for i in range(len(slices)):
-        w = slices[i].to(compute) if scales is None else prepared(i).to(compute)
+        w = slices[i].to(compute) if scales is None else _normalised(slices[i], scales[i]).to(compute)
         v = torch.empty(rank, widths[i], dtype=compute, device=device)
         torch.mm(projector, w, out=v[:keep])  # = (S Pᵀ)[:keep] of this slice, without dividing by singular values
         moment = stats(i).input_moment if stats(i) is not None else None
@@ -211,6 +191,49 @@ def decompose_group(
     if scales is not None:
         scales = [sc.to(dtype) for sc in scales]
     return GroupFactors(basis.to(dtype).contiguous(), [v.to(dtype) for v in factors], scales)
+
+
+def _normalised(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The slice in float64; with a `scale` (scaling vectors) every hidden unit (column) divided by its norm, the
+    norms written into `scale` (an all-zero unit keeps scale 1)."""
+    w = w.to(torch.float64)
+    if scale is None:
+        return w
+    norms = w.norm(dim=0)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    scale.copy_(norms)
+    return w / norms
+
+
+def _group_gram(slices: Sequence[torch.Tensor], data: Sequence[SliceData | None] | None,
+                scales: Sequence[torch.Tensor] | None, names: Sequence[str] | None) -> torch.Tensor:
+    """The group's d x d Gram matrix (float64): Σ_k W_k W_kᵀ, or each slice's data-aware term where it has one."""
+    dim, device = slices[0].shape[0], slices[0].device
+    roots: dict[int, torch.Tensor] = {}  # S^½ per input moment: SwiGLU's two input linears share one
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    for i in range(len(slices)):
+        w = _normalised(slices[i], scales[i] if scales is not None else None)
+        term = _data_term(w, data[i] if data is not None else None, device, scales is not None, roots)
+        if term is None:
+            gram.addmm_(w, w.T)
+        else:
+            gram.add_(term)
+        if not torch.isfinite(gram).all():
+            where = names[i] if names is not None else f'slice {i}'
+            raise ReduceError(f'fips: {where} contains NaN or infinite values; cannot decompose it.')
+    return gram
+
+
+@torch.no_grad()
+def group_spectrum(slices: Sequence[torch.Tensor], scaling_vectors: bool = False, names: Sequence[str] | None = None,
+                   data: Sequence[SliceData | None] | None = None) -> torch.Tensor:
+    """Eigenvalues (float64, descending) of the Gram matrix `decompose_group` decomposes for these arguments: the
+    i-th is the (weight-space or data-aware) energy that a basis of rank i - 1 loses by leaving out component i."""
+    scales = [torch.empty(s.shape[1], dtype=torch.float64, device=s.device) for s in slices] \
+        if scaling_vectors else None
+    gram = _group_gram(slices, data, scales, names)
+    with single_thread():
+        return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
 
 
 def _data_term(w: torch.Tensor, stats: SliceData | None, device: torch.device, normalised: bool,

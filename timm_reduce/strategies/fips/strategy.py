@@ -15,9 +15,10 @@ from torch import nn
 
 from ...core.discovery import MlpSite, resolve_groups
 from ...errors import ReduceError
-from .decompose import SliceData, decompose_group, rank_for_budget
+from .decompose import SliceData, decompose_group, group_spectrum, rank_for_budget
 from .layers import FipsBasis, FipsLinear
 from .sparsity import fips_layers, make_hooks, prune
+from ...core.allocation import allocate
 from ...core.hidden_units import input_linears
 from ...core.registry import register_strategy
 from ...core.statistics import MlpStatistics
@@ -62,6 +63,15 @@ class FipsConfig:
             with exchanges every 5 steps it beat the paper's 0.3 by ~0.4 pt (MNIST ViT, 10% budget, issue 13).
         storage_dtype: dtype of the factors' non-zero values in the saved file (`'bfloat16'` halves them, lossy).
         seed: seed of the random growth.
+        allocation: how the budget is spread over the groups. `'uniform'`: every group stores `budget` of its own
+            weights. `'sensitivity'`: the same total, spent rank by rank where it loses least: each group's
+            spectrum (its Gram matrix's eigenvalues, data-aware with activation statistics) as the share of its
+            weights' energy a rank keeps, times the group's measured sensitivity (the summed `sensitivity` of its
+            MLPs, `collect_statistics(..., sensitivity=True)`; `compress()` measures it), each group's rank kept
+            between half and twice its uniform rank (never past d unless the uniform rank is). Needs those statistics;
+            the ranks it picks are written into `ranks` of the recorded spec, so a saved model rebuilds without
+            them.
+        ranks: explicit basis rank per group (in group order), instead of deriving them from `budget`.
     """
 
     budget: float = 0.25
@@ -80,6 +90,8 @@ class FipsConfig:
     drop_fraction: float = 0.1
     storage_dtype: Literal['float32', 'bfloat16'] = 'float32'
     seed: int = 0
+    allocation: Literal['uniform', 'sensitivity'] = 'uniform'
+    ranks: list[int] | None = None
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -107,12 +119,15 @@ class FipsConfig:
                 f'got t0={self.t0}, t_end={self.t_end}.')
         if not 0 <= self.drop_fraction < 1:
             bad(f'drop_fraction must be in [0, 1), got {self.drop_fraction}.')
+        if self.ranks is not None and (not self.ranks or any(r < 1 for r in self.ranks)):
+            bad(f'ranks must be a non-empty list of integers >= 1 (one per group), got {self.ranks}.')
 
     # option defaults per `compress(recipe=...)` (see timm_reduce.calibration.config.RECIPES); given options win
     RECIPES: ClassVar[dict[str, dict[str, Any]]] = {
         'default': {},
         'paper': {'sparsifier': 'gmp', 'pruning': 'global', 's0': 0.25, 'delta_t': 50, 't0': 0.0, 't_end': 0.75,
-                  'drop_fraction': 0.3, 'growth': 'hybrid', 'beta': 32.0, 'scaling_vectors': False},
+                  'drop_fraction': 0.3, 'growth': 'hybrid', 'beta': 32.0, 'scaling_vectors': False,
+                  'allocation': 'uniform'},
     }
 
     @property
@@ -152,6 +167,30 @@ def _check_mlp(site: MlpSite) -> None:
                           f'{mlp.fc2.out_features} features; a shared basis needs the same dimension in and out.')
 
 
+def _sensitivity_ranks(plans: list, config: FipsConfig, statistics: Mapping[str, MlpStatistics] | None,
+                       data: list) -> list[int]:
+    """Ranks per group for `allocation='sensitivity'`, with the same total stored budget as the uniform ranks."""
+    if statistics is None or any(statistics[s.path].sensitivity is None for members, *_ in plans for s in members):
+        raise ReduceError("fips: allocation='sensitivity' needs each block's measured sensitivity: use compress() "
+                          "(it measures it on the calibration images), or pass reduce(..., statistics="
+                          "collect_statistics(model, batches, sensitivity=True)); or give ranks=[...] per group.")
+    keep = 1.0 - config.target_sparsity
+    costs, gains, budget, minimum, maximum = [], [], 0.0, [], []
+    for (members, slices, owners, rank), group_data in zip(plans, data):
+        dim, total = slices[0].shape[0], sum(s.shape[1] for s in slices)
+        costs.append(dim + keep * total)
+        budget += config.budget * dim * total
+        minimum.append(max(1, rank // 2))
+        maximum.append(min(2 * rank, max(dim, rank)))
+        spectrum = group_spectrum(slices, config.scaling_vectors, None, group_data)
+        energy = float(spectrum.sum())
+        weight = sum(statistics[s.path].sensitivity for s in members)
+        gains.append((spectrum * (weight / energy)).tolist() if energy > 0 else [])
+    if not any(g and g[0] > 0 for g in gains):
+        return [rank for *_, rank in plans]  # nothing measured to tell the groups apart
+    return allocate(costs, gains, budget, minimum, maximum)
+
+
 def _slice_data(stats: MlpStatistics, transposed: bool) -> SliceData:
     if transposed:  # an input linear: its d side reads the MLP input
         return SliceData(input_moment=stats.input_moment)
@@ -161,10 +200,12 @@ def _slice_data(stats: MlpStatistics, transposed: bool) -> SliceData:
 @register_strategy('fips', FipsConfig, calibration_hooks=make_hooks, uses_statistics=True,
                    description='shared SVD basis per group of MLPs + sparse per-layer factors (calibrate to recover)')
 def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig,
-               statistics: Mapping[str, MlpStatistics] | None = None) -> None:
+               statistics: Mapping[str, MlpStatistics] | None = None) -> dict[str, Any] | None:
     """Replace every MLP linear by a FipsLinear over its group's shared basis, then prune to the start sparsity.
 
-    With `statistics` the basis and factors are data-aware (`decompose_group`'s `data`); else from the weights."""
+    With `statistics` the basis and factors are data-aware (`decompose_group`'s `data`) where they hold moments;
+    else from the weights. Returns `{'ranks': [...]}` when `allocation='sensitivity'` chose the ranks (for the
+    recorded spec)."""
     if len({id(s.mlp) for s in sites}) != len(sites):
         raise ReduceError('fips: some blocks share one MLP module (e.g. after `grouped`); fips needs one MLP per '
                           'block. Apply fips to the unshared model.')
@@ -189,12 +230,26 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig,
         rank = rank_for_budget(slices[0].shape[0], [s.shape[1] for s in slices], config.budget,
                                config.target_sparsity)
         plans.append((members, slices, owners, rank))
+    data = [None if statistics is None else [_slice_data(statistics[site.path], t) for site, _, t in owners]
+            for _, _, owners, _ in plans]
+    chosen, uniform = None, [rank for *_, rank in plans]
+    if config.ranks is not None:
+        if len(config.ranks) != len(plans):
+            raise ReduceError(f'fips: ranks lists {len(config.ranks)} ranks but the model has {len(plans)} groups '
+                              f'({"; ".join(", ".join(s.path for s in m) for m, *_ in plans)}).')
+        ranks = list(config.ranks)
+    elif config.allocation == 'sensitivity':
+        if plans[0][1][0].device.type == 'meta':
+            raise ReduceError("fips: allocation='sensitivity' cannot be measured on the meta device; give ranks.")
+        ranks = chosen = _sensitivity_ranks(plans, config, statistics, data)
+    else:
+        ranks = uniform
+    plans = [(members, slices, owners, r) for (members, slices, owners, _), r in zip(plans, ranks)]
     decomposed = []  # decompose every group (NaN checks included) before installing any
-    for members, slices, owners, rank in plans:
+    for (members, slices, owners, rank), group_data in zip(plans, data):
         names = [f'{site.path}.mlp.{name}.weight' for site, name, _ in owners]
-        data = None if statistics is None else [_slice_data(statistics[site.path], t) for site, _, t in owners]
         decomposed.append(decompose_group(slices, rank, config.growth, config.beta, generator,
-                                          config.scaling_vectors, names, data))
+                                          config.scaling_vectors, names, group_data))
     for (members, slices, owners, rank), parts in zip(plans, decomposed):
         basis = FipsBasis(parts.basis, [s.path for s in members])
         basis.weight.requires_grad_(any(getattr(s.mlp, n).weight.requires_grad for s, n, _ in owners))
@@ -218,3 +273,7 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig,
         _logger.info(f'fips: factors pruned to the GMP start sparsity {config.start_sparsity:.0%}; calibration '
                      f'raises it to {config.target_sparsity:.0%} (only then is the budget {config.budget:.0%} met). '
                      f"Use sparsifier='static' for the final sparsity without calibration.")
+    if chosen is not None:
+        _logger.info(f'fips: ranks by sensitivity {chosen} (uniform: {uniform})')
+        return {'ranks': chosen}
+    return None
