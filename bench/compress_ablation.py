@@ -11,11 +11,14 @@ Variants (calibration and strategy options on top of `recipe='paper'`; explicit 
     +student   inputs='student': each block fitted on the student's previous block output (item 3)
     +mix       inputs='mix': on the mean of the teacher's and the student's
     +init      init_from='activations': FiPS basis/factors and ShallowMLP importance from activation statistics (item 2)
+    +alloc     allocation='sensitivity': FiPS ranks per group / ShallowMLP widths per block by measured sensitivity
     all        +schedule, +distill, +speed, +mix and +init together
     default    recipe='default': the library's defaults as they stand (no distillation unless it becomes one)
     default+distill  the defaults plus `--distill-epochs` epochs of distillation
     default-init     the defaults with init_from='weights' (what the data-aware init adds to the other defaults)
-Add an entry to ITEMS when another item becomes an option (allocation).
+    default+alloc    the defaults with allocation='sensitivity' (item 5)
+    default-alloc    the defaults with allocation='uniform' (the same as default+alloc's counterpart, whichever
+                     allocation the defaults use)
 
 Example (2 seeds, both calibration sizes, results in bench/results/compress_ablation.{json,md}):
     python bench/compress_ablation.py --model-dir bench/models/cifar10_vit --threads 2
@@ -50,8 +53,10 @@ ITEMS: dict[str, dict[str, Any]] = {  # issue 13's items that are options ('DIST
     'student': {'inputs': 'student'},
     'mix': {'inputs': 'mix'},
     'init': {'init_from': 'activations'},
+    'alloc': {'allocation': 'sensitivity'},
 }
-ALTERNATIVES = {'student'}  # calibration inputs that lost to 'mix': measured alone, not part of 'all'
+# not part of 'all': 'student' lost to 'mix'; 'alloc' came after the 'all' results and is measured on the defaults
+ALTERNATIVES = {'student', 'alloc'}
 VARIANTS: dict[str, dict[str, Any]] = {
     'paper': PAPER,
     **{f'+{name}': {**PAPER, **options} for name, options in ITEMS.items()},
@@ -60,6 +65,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'default': {'recipe': 'default'},
     'default+distill': {'recipe': 'default', 'distill_epochs': 'DISTILL'},
     'default-init': {'recipe': 'default', 'init_from': 'weights'},
+    'default+alloc': {'recipe': 'default', 'allocation': 'sensitivity'},
+    'default-alloc': {'recipe': 'default', 'allocation': 'uniform'},
 }
 FIPS_ONLY = {'delta_t', 'drop_fraction'}  # options of FiPS: other strategies do not take them
 
@@ -88,6 +95,8 @@ def variant_options(variant: str, strategy: str, args: argparse.Namespace) -> di
         options = {k: v for k, v in options.items() if k not in FIPS_ONLY}
     if not timm_reduce.get_strategy(strategy).uses_statistics:
         options.pop('init_from', None)  # the strategy starts from its weights either way
+    if 'allocation' not in timm_reduce.get_strategy(strategy).option_names:
+        options.pop('allocation', None)
     if (variant != 'paper' and options == PAPER) or (variant != 'default' and options == VARIANTS['default']):
         return None  # the same run as 'paper' / 'default' for this strategy
     return options
@@ -155,6 +164,7 @@ def run(args: argparse.Namespace) -> None:
                         'output_error_before': report.output_error_before,
                         'output_error_blockwise': report.output_error_blockwise,
                         'output_error_after': report.output_error_after,
+                        'allocated': report.allocated,
                     }
                     records.append(record)
                     done.add((strategy, budget, variant, images, seed))
