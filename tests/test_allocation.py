@@ -253,3 +253,27 @@ def test_two_ranks_allocate_the_same_widths(tmp_path):
     assert r0['report']['allocated'] == r1['report']['allocated'] and r0['report']['allocated']['keep']
     for k, v in r0['state'].items():
         assert torch.equal(v, r1['state'][k]), k
+
+
+def test_compress_measures_no_sensitivity_when_the_shapes_are_given():
+    batches = image_batches(n=2)
+    for strategy, options in (('fips', {'budget': 0.2, 'group_size': 2, 'ranks': [6, 4]}),
+                              ('shallow', {'keep': [20, 30, 40, 50]})):
+        model = timm_reduce.compress(tiny_vit(), strategy, batches, allocation='sensitivity', epochs=1,
+                                     init_from='weights', **options)
+        report = timm_reduce.calibration_report(model)
+        assert report.statistics_time == 0 and report.allocated == {}
+
+
+def test_compress_allocates_by_sensitivity_by_default_and_reduce_does_not():
+    batches = image_batches(n=2)
+    fips = timm_reduce.compress(tiny_vit(), 'fips', batches, budget=0.2, group_size=2, epochs=1)
+    assert 'ranks' in timm_reduce.calibration_report(fips).allocated
+    shallow = timm_reduce.compress(tiny_vit(), 'shallow', batches, keep=0.25, epochs=1)
+    assert 'keep' in timm_reduce.calibration_report(shallow).allocated
+    # a recipe default that does not fit the options given is left out, not an error
+    first = timm_reduce.compress(tiny_vit(), 'shallow', batches, keep=0.25, importance='first', epochs=1)
+    assert get_record(first).recipe[-1].options == {'keep': 0.25, 'importance': 'first'}
+    assert timm_reduce.calibration_report(first).allocated == {}
+    plain = timm_reduce.reduce(tiny_vit(), 'fips', budget=0.2, group_size=2)
+    assert get_record(plain).recipe[-1].config.allocation == 'uniform'

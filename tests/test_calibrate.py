@@ -21,7 +21,7 @@ def _mlp_state(model):
 
 @pytest.mark.parametrize('strategy,options', [
     ('grouped', {'group_size': 2}),
-    ('shallow', {'keep': 0.5}),
+    ('shallow', {'keep': 0.5, 'allocation': 'uniform'}),  # reduce() and compress() keep the same widths
     ('shallow', {'keep': 0.5, 'importance': 'first'}),
 ])
 def test_calibration_lowers_every_block_error(strategy, options):

@@ -120,7 +120,8 @@ def test_compress_init_activations_starts_closer_to_the_teacher():
     errors = {}
     for init in ('weights', 'activations'):
         model = timm_reduce.compress(tiny_vit(), 'fips', batches, budget=0.2, sparsity=0.5, group_size=2,
-                                     sparsifier='static', epochs=1, lr=1e-9, init_from=init, eval_batches=None)
+                                     sparsifier='static', epochs=1, lr=1e-9, init_from=init, eval_batches=None,
+                                     allocation='uniform')
         report = timm_reduce.calibration_report(model)
         assert report.init_from == init
         assert (report.statistics_time > 0) == (init == 'activations')
@@ -134,9 +135,9 @@ def test_shallow_keeps_the_units_with_the_largest_measured_contribution():
     ref = _captured(model, batches)
     keep = 0.25
     reduced = timm_reduce.compress(copy.deepcopy(model), 'shallow', batches, keep=keep, epochs=1, lr=1e-9,
-                                   init_from='activations')
+                                   init_from='activations', allocation='uniform')
     plain = timm_reduce.compress(copy.deepcopy(model), 'shallow', batches, keep=keep, epochs=1, lr=1e-9,
-                                 init_from='weights')
+                                 init_from='weights', allocation='uniform')
     differs = False
     for site in timm_reduce.find_mlp_sites(model):
         h = torch.cat([t.reshape(-1, t.shape[-1]) for t in ref[site.path]['h']]).double()

@@ -66,9 +66,7 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
     recipe = calib.get('recipe', 'default')
     config = CalibrationConfig(**{**recipe_defaults(recipe), **calib})  # validate before any work
     spec = as_spec(strategy, strategy_options)
-    defaults = getattr(registered.config_cls, 'RECIPES', {}).get(recipe, {})  # the strategy's part of the recipe
-    if defaults:
-        spec = ReduceSpec(spec.strategy, {**defaults, **spec.options})  # options given (keywords or spec text) win
+    spec = _with_recipe(spec, getattr(registered.config_cls, 'RECIPES', {}).get(recipe, {}))
     check_finite_weights(model, 'compress: the model')
     rank, world = rank_and_world()
     collected = collect_batches(data, config.batches, rank, world, model, digest=config.checkpoint_dir is not None,
@@ -80,7 +78,7 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
     teacher.requires_grad_(False)
     try:
         statistics, spent = None, 0.0
-        sensitivity = getattr(spec.config, 'allocation', 'uniform') == 'sensitivity'
+        sensitivity = bool(getattr(spec.config, 'needs_sensitivity', False))  # e.g. fips allocation='sensitivity'
         if registered.uses_statistics and ((config.init_from == 'activations' and registered.reads_statistics(
                 spec.config)) or sensitivity):
             tic = time.perf_counter()
@@ -102,6 +100,23 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
     del teacher
     model.__dict__[REPORT_ATTR] = report
     return model
+
+
+def _with_recipe(spec: ReduceSpec, defaults: dict[str, Any]) -> ReduceSpec:
+    """`spec` with the strategy's recipe defaults for the options it does not give (options given win). A default
+    that does not fit the given options (e.g. shallow's allocation='sensitivity' with importance='first') is left
+    out rather than turning valid options into an error."""
+    options = dict(spec.options)
+    for key, value in defaults.items():
+        if key in options:
+            continue
+        try:
+            ReduceSpec(spec.strategy, {**options, key: value})
+        except ReduceError:
+            _logger.info(f'compress: recipe default {key}={value!r} does not fit the options given; left out.')
+            continue
+        options[key] = value
+    return ReduceSpec(spec.strategy, options)
 
 
 def _on_device(batches: list[torch.Tensor], model: nn.Module) -> Iterator[torch.Tensor]:

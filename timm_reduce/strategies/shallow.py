@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 from torch import nn
@@ -30,12 +30,21 @@ class ShallowConfig:
             blocks ranked by their share of their block's output energy (importance², normalised per block) times
             the block's measured sensitivity (`collect_statistics(..., sensitivity=True)`; `compress()` measures
             it), each block keeping between half and twice its uniform width. Needs those statistics; the widths
-            it picks are written into `keep` of the recorded spec.
+            it picks are written into `keep` of the recorded spec. `reduce()` defaults to `'uniform'`,
+            `compress()` to `'sensitivity'` (its `recipe='default'`; `'paper'`: uniform; with `importance='first'`
+            it stays uniform).
     """
 
     keep: float | list[int] = 0.5
     importance: Literal['magnitude', 'first'] = 'magnitude'
     allocation: Literal['uniform', 'sensitivity'] = 'uniform'
+
+    # option defaults per `compress(recipe=...)`; compress() allocates by sensitivity (measured: +0.6-0.8 pt at 5%,
+    # +0.15-0.6 at 10%, docs/evidence.md §9); reduce() without data stays uniform
+    RECIPES: ClassVar[dict[str, dict[str, Any]]] = {
+        'default': {'allocation': 'sensitivity'},
+        'paper': {'allocation': 'uniform'},
+    }
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, list):
@@ -49,6 +58,11 @@ class ShallowConfig:
         if self.allocation == 'sensitivity' and self.importance == 'first':
             raise ReduceError("shallow: allocation='sensitivity' ranks units by importance; it needs "
                               "importance='magnitude', not 'first'.")
+
+    @property
+    def needs_sensitivity(self) -> bool:
+        """Whether `apply` will allocate by measured sensitivity (a fractional `keep`)."""
+        return self.allocation == 'sensitivity' and not isinstance(self.keep, list)
 
 
 def kept_units(config: ShallowConfig, sites: list) -> list[int]:

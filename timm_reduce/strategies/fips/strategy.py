@@ -70,7 +70,8 @@ class FipsConfig:
             MLPs, `collect_statistics(..., sensitivity=True)`; `compress()` measures it), each group's rank kept
             between half and twice its uniform rank (never past d unless the uniform rank is). Needs those statistics;
             the ranks it picks are written into `ranks` of the recorded spec, so a saved model rebuilds without
-            them.
+            them. `reduce()` defaults to `'uniform'`, `compress()` to `'sensitivity'` (its `recipe='default'`;
+            `'paper'`: uniform).
         ranks: explicit basis rank per group (in group order), instead of deriving them from `budget`.
     """
 
@@ -123,8 +124,10 @@ class FipsConfig:
             bad(f'ranks must be a non-empty list of integers >= 1 (one per group), got {self.ranks}.')
 
     # option defaults per `compress(recipe=...)` (see timm_reduce.calibration.config.RECIPES); given options win
+    # compress() allocates by sensitivity (measured: +0.4-0.6 pt at 5%, neutral at 10-25%, docs/evidence.md §9);
+    # reduce() without data stays uniform
     RECIPES: ClassVar[dict[str, dict[str, Any]]] = {
-        'default': {},
+        'default': {'allocation': 'sensitivity'},
         'paper': {'sparsifier': 'gmp', 'pruning': 'global', 's0': 0.25, 'delta_t': 50, 't0': 0.0, 't_end': 0.75,
                   'drop_fraction': 0.3, 'growth': 'hybrid', 'beta': 32.0, 'scaling_vectors': False,
                   'allocation': 'uniform'},
@@ -141,6 +144,11 @@ class FipsConfig:
     def start_sparsity(self) -> float:
         """The sparsity `reduce()` prunes to: s0 for GMP (capped at the target), the target otherwise."""
         return min(self.s0, self.target_sparsity) if self.sparsifier == 'gmp' else self.target_sparsity
+
+    @property
+    def needs_sensitivity(self) -> bool:
+        """Whether `apply` will allocate by measured sensitivity (no explicit `ranks`)."""
+        return self.allocation == 'sensitivity' and self.ranks is None
 
     @property
     def dtype_for_storage(self) -> torch.dtype:
