@@ -44,14 +44,25 @@ RESULTS = Path(__file__).parent / 'results'
 
 # ----------------------------------------------------------------------------------------- baseline strategies
 class LowRankLinear(nn.Module):
-    """y = B (A x) + b: a rank-r factorisation of a Linear, stored as its two factors."""
+    """y = B (A x) + b: a rank-r factorisation of a Linear, stored as its two factors.
 
-    def __init__(self, linear: nn.Linear, rank: int) -> None:
+    Without `output_moment` the truncated SVD of W; with E[y yᵀ] of the layer's output y = W x (data-aware) the
+    rank-r W' minimising E‖(W - W') x‖²: W' = U_r U_rᵀ W with U_r the top eigenvectors of E[y yᵀ] (a PCA of the
+    outputs)."""
+
+    def __init__(self, linear: nn.Linear, rank: int, output_moment: torch.Tensor | None = None) -> None:
         super().__init__()
-        u, s, vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
-        root = s[:rank].sqrt()
-        self.a = nn.Parameter((root[:, None] * vh[:rank]).float())  # (r, in)
-        self.b = nn.Parameter((u[:, :rank] * root[None]).float())   # (out, r)
+        w = linear.weight.detach().double()
+        if output_moment is None or float(output_moment.trace()) <= 0:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            root = s[:rank].sqrt()
+            a, b = root[:, None] * vh[:rank], u[:, :rank] * root[None]
+        else:
+            _, vectors = torch.linalg.eigh(output_moment.double())
+            b = vectors.flip(1)[:, :rank]
+            a = b.T @ w
+        self.a = nn.Parameter(a.float())  # (r, in)
+        self.b = nn.Parameter(b.float())  # (out, r)
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -65,14 +76,20 @@ class SvdConfig:
     budget: float = 0.25
 
 
-@register_strategy('bench_svd', SvdConfig, description='per-layer truncated SVD (benchmark baseline)')
-def _apply_svd(model: nn.Module, sites: list, config: SvdConfig) -> None:
+@register_strategy('bench_svd', SvdConfig, uses_statistics=True,
+                   description='per-layer truncated SVD (benchmark baseline; data-aware with statistics)')
+def _apply_svd(model: nn.Module, sites: list, config: SvdConfig, statistics: dict | None = None) -> None:
     for site in sites:
+        stats = statistics[site.path] if statistics is not None else None
         for name in ('fc1', 'fc2'):
             layer = getattr(site.mlp, name)
             rank = max(1, math.floor(config.budget * layer.in_features * layer.out_features
                                      / (layer.in_features + layer.out_features)))
-            setattr(site.mlp, name, LowRankLinear(layer, rank))
+            moment = None
+            if stats is not None and stats.input_moment is not None:
+                w = layer.weight.detach().double()
+                moment = w @ stats.input_moment @ w.T if name == 'fc1' else stats.output_moment
+            setattr(site.mlp, name, LowRankLinear(layer, rank, moment))
 
 
 @dataclass
@@ -141,8 +158,10 @@ def method_spec(method: str, budget: float, group_size: int, total_steps: int) -
         return 'fips', {**fips, 'sparsity': 0.75, 'sparsifier': 'static'}
     if method == 'fips_dense':
         return 'fips', {**fips, 'sparsifier': 'dense'}
-    if method == 'svd':
-        return 'bench_svd', {'budget': budget}
+    if method == 'svd':  # from the weights, as measured before compress() had init_from
+        return 'bench_svd', {'budget': budget, 'init_from': 'weights'}
+    if method == 'svd_data':  # from activation statistics of the calibration images (PCA of each layer's output)
+        return 'bench_svd', {'budget': budget, 'init_from': 'activations'}
     if method == 'magnitude':
         return 'bench_magnitude', {'budget': budget}
     if method == 'shallow_first':
@@ -296,8 +315,9 @@ def run(args: argparse.Namespace) -> None:
             strategy, options = spec
             model = load_model(args.model_dir, args.weights)
             if args.no_calibrate:
-                if method in ('fips_gmp', 'fips_rigl'):  # their schedules run during calibration
+                if method in ('fips_gmp', 'fips_rigl', 'svd_data'):  # they run during / need calibration data
                     continue
+                options = {k: v for k, v in options.items() if k != 'init_from'}  # a compress() option
                 timm_reduce.reduce(model, strategy, **options)
                 acc = top1(model, val_images, val_targets)
                 stored = stored_mlp_weights(model)
@@ -338,7 +358,8 @@ def run(args: argparse.Namespace) -> None:
 
 METHOD_NAMES = {
     'fips_gmp': 'FiPS (GMP)', 'fips_rigl': 'FiPS (RigL)', 'fips_static': 'FiPS (static)',
-    'fips_dense': 'FiPS (dense factors)', 'svd': 'per-layer truncated SVD', 'magnitude': 'magnitude pruning (global)',
+    'fips_dense': 'FiPS (dense factors)', 'svd': 'per-layer truncated SVD',
+    'svd_data': 'per-layer truncated SVD, data-aware (PCA of outputs)', 'magnitude': 'magnitude pruning (global)',
     'shallow_first': 'ShallowMLP (first-k)', 'shallow_magnitude': 'ShallowMLP (magnitude)',
     'grouped': 'GroupedMLP (mean init)',
     'morph_scalar': 'MorphReuse shape, scalar scales', 'morph_channel': 'MorphReuse shape, channel scales',
