@@ -83,7 +83,8 @@ class CalibrationConfig:
             block's output (in a plain stack of blocks; after a Swin downsample the teacher's input is used). The
             before/after errors always use teacher inputs.
         init_from: how `compress()` initialises the reduced MLPs before calibration. `'activations'` (default): the
-            strategies that can (fips: shared basis and factors; shallow: unit importance) use activation
+            strategies that can (fips: shared basis and factors; shallow: unit importance; grouped: the mean
+            weighted by activations) use activation
             statistics measured by one forward pass of the model over the calibration batches (see
             `collect_statistics`); others start from the weights as always. `'weights'` (the paper): from the
             weights alone. Only `compress()` reduces, so `calibrate()` does not take it.

@@ -14,7 +14,7 @@ prediction) with respect to the MLP's output, per channel a_i = E_image[Σ_token
   sensitivity = ½ Σ_i a_i · E[y_i²],
 the second-order estimate of the KL divergence between the model's predictions before and after the MLP's output y
 is removed (channels and tokens taken as independent). A reduction that loses a fraction e of y's energy costs about
-e · sensitivity; `core.allocation` spends a budget where that cost is largest.
+e · sensitivity; `core.allocation` spends a budget where it saves the most of that cost.
 Under torch.distributed every rank's sums are added (all ranks must call it).
 """
 from __future__ import annotations
