@@ -277,3 +277,24 @@ def test_compress_allocates_by_sensitivity_by_default_and_reduce_does_not():
     assert timm_reduce.calibration_report(first).allocated == {}
     plain = timm_reduce.reduce(tiny_vit(), 'fips', budget=0.2, group_size=2)
     assert get_record(plain).recipe[-1].config.allocation == 'uniform'
+
+
+@pytest.mark.parametrize('scaling_vectors', [False, True])
+def test_a_precomputed_gram_decomposes_the_same(scaling_vectors):
+    from timm_reduce.strategies.fips.decompose import SliceData, decompose_group, group_gram, spectrum
+
+    g = torch.Generator().manual_seed(0)
+    slices = [torch.randn(12, 20, generator=g) for _ in range(3)]
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    data = [SliceData(input_moment=x.T @ x / 200), None, None]
+    gram = group_gram(slices, scaling_vectors, None, data)
+    values = spectrum(gram)
+    assert torch.all(values[:-1] >= values[1:]) and float(values.sum()) == pytest.approx(float(gram.trace()))
+    a = decompose_group(slices, 5, scaling_vectors=scaling_vectors, data=data)
+    b = decompose_group(slices, 5, scaling_vectors=scaling_vectors, data=data, gram=gram)
+    torch.testing.assert_close(a.basis, b.basis)
+    for u, v in zip(a.factors, b.factors):
+        torch.testing.assert_close(u, v)
+    if scaling_vectors:
+        for u, v in zip(a.scales, b.scales):
+            torch.testing.assert_close(u, v)

@@ -78,9 +78,8 @@ def compress(model: nn.Module, strategy: Any, data: Iterable | None = None, **op
     teacher.requires_grad_(False)
     try:
         statistics, spent = None, 0.0
-        sensitivity = bool(getattr(spec.config, 'needs_sensitivity', False))  # e.g. fips allocation='sensitivity'
-        if registered.uses_statistics and ((config.init_from == 'activations' and registered.reads_statistics(
-                spec.config)) or sensitivity):
+        sensitivity = registered.needs_sensitivity(spec.config)  # e.g. fips allocation='sensitivity'
+        if sensitivity or (config.init_from == 'activations' and registered.reads_statistics(spec.config)):
             tic = time.perf_counter()
             statistics = collect_statistics(teacher, _on_device(collected.batches, teacher), sensitivity,
                                             config.seed, batch_name=lambda i: f'calibration batch {i * world + rank}')

@@ -38,8 +38,9 @@ class Strategy:
         uses_statistics: whether `apply` takes activation statistics: it is then called as
             `apply(model, sites, config, statistics=...)` with `{block path: MlpStatistics}` or None (see
             `core.statistics`; `compress(init_from='activations')` measures them on the calibration images).
-        statistics_for: optional `fn(config) -> bool`: whether `apply` reads the statistics with these options
-            (e.g. grouped only for `init='mean'`), so `compress()` measures them only then; default: always.
+            Its config may say when it reads them: a `reads_statistics` property (e.g. grouped: only for
+            `init='mean'`; default: always) and a `needs_sensitivity` property (allocation by measured
+            sensitivity; default: never), so `compress()` measures only what will be read.
     """
 
     name: str
@@ -50,11 +51,14 @@ class Strategy:
     calibration_hooks: Callable[[nn.Module, Any], Any] | None = None
     reads_weights: bool = True
     uses_statistics: bool = False
-    statistics_for: Callable[[Any], bool] | None = None
 
     def reads_statistics(self, config: Any) -> bool:
-        """Whether `apply` with `config` reads activation statistics (worth measuring them)."""
-        return self.uses_statistics and (self.statistics_for is None or bool(self.statistics_for(config)))
+        """Whether `apply` with `config` reads activation moments (worth measuring them)."""
+        return self.uses_statistics and bool(getattr(config, 'reads_statistics', True))
+
+    def needs_sensitivity(self, config: Any) -> bool:
+        """Whether `apply` with `config` reads the MLPs' measured sensitivities."""
+        return self.uses_statistics and bool(getattr(config, 'needs_sensitivity', False))
 
     @property
     def option_names(self) -> list[str]:
@@ -139,7 +143,6 @@ def register_strategy(
         calibration_hooks: Callable[[nn.Module, Any], Any] | None = None,
         reads_weights: bool = True,
         uses_statistics: bool = False,
-        statistics_for: Callable[[Any], bool] | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator registering `apply(model, sites, config)` as strategy `name` with options `config_cls`.
 
@@ -157,7 +160,7 @@ def register_strategy(
         if name in _STRATEGIES and _STRATEGIES[name].apply is not fn:
             raise ReduceError(f'Strategy {name!r} is already registered.')
         _STRATEGIES[name] = Strategy(name, config_cls, fn, description, creation_kwargs, calibration_hooks,
-                                     reads_weights, uses_statistics, statistics_for)
+                                     reads_weights, uses_statistics)
         return fn
 
     return decorator

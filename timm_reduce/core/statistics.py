@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from ..errors import ReduceError
 from .discovery import find_mlp_sites
 from .hidden_units import input_linears
 
-__all__ = ['MlpStatistics', 'collect_statistics']
+__all__ = ['MlpStatistics', 'collect_statistics', 'sensitivities']
 
 
 @dataclass
@@ -174,3 +174,14 @@ def collect_statistics(model: nn.Module, batches: Iterable[torch.Tensor], sensit
             value = 0.5 * float((acc.fisher / images_seen * output_moment.diagonal()).sum())
         out[path] = MlpStatistics((acc.x / n).cpu(), (acc.h / n).cpu(), output_moment.cpu(), acc.tokens, value)
     return out
+
+
+def sensitivities(statistics: Mapping[str, MlpStatistics] | None, paths: list[str], strategy: str,
+                  instead: str) -> dict[str, float]:
+    """The measured sensitivity of each block in `paths`, for `strategy`'s allocation; a ReduceError that says how to
+    measure them (or what to give `instead`) when they are missing."""
+    if statistics is None or any(statistics[p].sensitivity is None for p in paths):
+        raise ReduceError(f"{strategy}: allocation='sensitivity' needs each block's measured sensitivity: use "
+                          f"compress() (it measures it on the calibration images), or pass reduce(..., statistics="
+                          f"collect_statistics(model, batches, sensitivity=True)); or give {instead}.")
+    return {p: float(statistics[p].sensitivity) for p in paths}

@@ -46,6 +46,11 @@ class GroupedConfig:
             raise ReduceError(f"grouped: scale={self.scale} only applies with init='scale' (init is {self.init!r}).")
 
     @property
+    def reads_statistics(self) -> bool:
+        """Only the mean init weighs the members by their activations."""
+        return self.init == 'mean'
+
+    @property
     def scale_factor(self) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(self.group_size)
 
@@ -77,7 +82,7 @@ def _weighted_mean(shared: nn.Module, members: list[dict[str, torch.Tensor]], st
         shared.fc2.weight.copy_((columns * w[:, None, :]).sum(0).to(shared.fc2.weight))
 
 
-@register_strategy('grouped', GroupedConfig, uses_statistics=True, statistics_for=lambda c: c.init == 'mean',
+@register_strategy('grouped', GroupedConfig, uses_statistics=True,
                    description='one shared MLP per group of consecutive blocks')
 def apply_grouped(model: nn.Module, sites: list, config: GroupedConfig,
                   statistics: Mapping[str, MlpStatistics] | None = None) -> None:

@@ -11,7 +11,7 @@ from ..errors import ReduceError
 from ..core.allocation import allocate
 from ..core.hidden_units import hidden_units, input_linears, select_units, unit_importance
 from ..core.registry import register_strategy
-from ..core.statistics import MlpStatistics
+from ..core.statistics import MlpStatistics, sensitivities
 
 
 @dataclass
@@ -89,17 +89,14 @@ def _unit_cost(mlp: nn.Module) -> int:
 def _sensitivity_widths(sites: list, uniform: list[int], importances: list[torch.Tensor],
                         statistics: Mapping[str, MlpStatistics] | None) -> list[int]:
     """Units per block for `allocation='sensitivity'`, within the uniform widths' total of unit weights."""
-    if statistics is None or any(statistics[s.path].sensitivity is None for s in sites):
-        raise ReduceError("shallow: allocation='sensitivity' needs each block's measured sensitivity: use "
-                          "compress() (it measures it on the calibration images), or pass reduce(..., statistics="
-                          "collect_statistics(model, batches, sensitivity=True)); or give keep=[...] per block.")
+    sensitivity = sensitivities(statistics, [s.path for s in sites], 'shallow', 'keep=[...] per block')
     costs = [_unit_cost(s.mlp) for s in sites]
     gains = []
     for site, score in zip(sites, importances):
         energy = score.double().pow(2)
         total = float(energy.sum())
         share = energy.sort(descending=True).values / total if total > 0 else torch.zeros_like(energy)
-        gains.append((share * statistics[site.path].sensitivity).tolist())
+        gains.append((share * sensitivity[site.path]).tolist())
     budget = sum(k * c for k, c in zip(uniform, costs))
     return allocate(costs, gains, budget, [max(1, k // 2) for k in uniform],
                     [min(hidden_units(s.mlp), 2 * k) for s, k in zip(sites, uniform)])

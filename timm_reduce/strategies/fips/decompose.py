@@ -26,8 +26,8 @@ import torch
 
 from ...errors import ReduceError
 
-__all__ = ['Growth', 'GroupFactors', 'SliceData', 'rank_for_budget', 'decompose_group', 'group_spectrum',
-           'single_thread']
+__all__ = ['Growth', 'GroupFactors', 'SliceData', 'rank_for_budget', 'decompose_group', 'group_gram',
+           'spectrum', 'single_thread']
 
 
 @contextlib.contextmanager
@@ -115,6 +115,7 @@ def decompose_group(
         scaling_vectors: bool = False,
         names: Sequence[str] | None = None,
         data: Sequence[SliceData | None] | None = None,
+        gram: torch.Tensor | None = None,
 ) -> GroupFactors:
     """Shared basis and per-slice factors of `slices` (each d x width_k), at `rank`.
 
@@ -128,7 +129,8 @@ def decompose_group(
     The result has the dtype and device of the slices. On the meta device only the shapes are produced (size
     arithmetic without memory). With rank >= d and no pruning, U V_k reproduces each slice up to the round-off of
     the dtype. With `data` (one entry per slice, None for a slice without), the Gram terms and input linears'
-    factors are data-aware (see the module docstring).
+    factors are data-aware (see the module docstring). `gram`: this group's `group_gram` for the same arguments,
+    when already computed.
 
     Raises:
         ReduceError: slices of different heights, NaN or infinite weights (named with `names`), unknown growth.
@@ -150,7 +152,8 @@ def decompose_group(
     def stats(i: int) -> SliceData | None:
         return data[i] if data is not None else None
 
-    gram = _group_gram(slices, data, scales, names)
+    if gram is None:
+        gram = _group_gram(slices, data, scales, names)
     with single_thread():
         _, eigvecs = torch.linalg.eigh(gram)
     keep = min(rank, dim)
@@ -225,13 +228,22 @@ def _group_gram(slices: Sequence[torch.Tensor], data: Sequence[SliceData | None]
 
 
 @torch.no_grad()
-def group_spectrum(slices: Sequence[torch.Tensor], scaling_vectors: bool = False, names: Sequence[str] | None = None,
-                   data: Sequence[SliceData | None] | None = None) -> torch.Tensor:
-    """Eigenvalues (float64, descending) of the Gram matrix `decompose_group` decomposes for these arguments: the
-    i-th is the (weight-space or data-aware) energy that a basis of rank i - 1 loses by leaving out component i."""
+def group_gram(slices: Sequence[torch.Tensor], scaling_vectors: bool = False, names: Sequence[str] | None = None,
+               data: Sequence[SliceData | None] | None = None) -> torch.Tensor:
+    """The Gram matrix `decompose_group` decomposes for these arguments (float64, d x d); pass it back as its
+    `gram` to decompose without accumulating it again.
+
+    Raises:
+        ReduceError: NaN or infinite weights (named with `names`).
+    """
     scales = [torch.empty(s.shape[1], dtype=torch.float64, device=s.device) for s in slices] \
         if scaling_vectors else None
-    gram = _group_gram(slices, data, scales, names)
+    return _group_gram(slices, data, scales, names)
+
+
+def spectrum(gram: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a group's Gram matrix (float64, descending, >= 0): the i-th is the (weight-space or
+    data-aware) energy that a basis of rank i - 1 loses by leaving out component i."""
     with single_thread():
         return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
 

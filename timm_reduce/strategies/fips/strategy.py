@@ -15,13 +15,13 @@ from torch import nn
 
 from ...core.discovery import MlpSite, resolve_groups
 from ...errors import ReduceError
-from .decompose import SliceData, decompose_group, group_spectrum, rank_for_budget
+from .decompose import SliceData, decompose_group, group_gram, rank_for_budget, spectrum
 from .layers import FipsBasis, FipsLinear
 from .sparsity import fips_layers, make_hooks, prune
 from ...core.allocation import allocate
 from ...core.hidden_units import input_linears
 from ...core.registry import register_strategy
-from ...core.statistics import MlpStatistics
+from ...core.statistics import MlpStatistics, sensitivities
 
 __all__ = ['FipsConfig', 'apply_fips', 'group_slices']
 
@@ -176,24 +176,22 @@ def _check_mlp(site: MlpSite) -> None:
 
 
 def _sensitivity_ranks(plans: list, config: FipsConfig, statistics: Mapping[str, MlpStatistics] | None,
-                       data: list) -> list[int]:
+                       grams: list[torch.Tensor]) -> list[int]:
     """Ranks per group for `allocation='sensitivity'`, with the same total stored budget as the uniform ranks."""
-    if statistics is None or any(statistics[s.path].sensitivity is None for members, *_ in plans for s in members):
-        raise ReduceError("fips: allocation='sensitivity' needs each block's measured sensitivity: use compress() "
-                          "(it measures it on the calibration images), or pass reduce(..., statistics="
-                          "collect_statistics(model, batches, sensitivity=True)); or give ranks=[...] per group.")
+    sensitivity = sensitivities(statistics, [s.path for members, *_ in plans for s in members], 'fips',
+                                'ranks=[...] per group')
     keep = 1.0 - config.target_sparsity
     costs, gains, budget, minimum, maximum = [], [], 0.0, [], []
-    for (members, slices, owners, rank), group_data in zip(plans, data):
+    for (members, slices, owners, rank), gram in zip(plans, grams):
         dim, total = slices[0].shape[0], sum(s.shape[1] for s in slices)
         costs.append(dim + keep * total)
         budget += config.budget * dim * total
         minimum.append(max(1, rank // 2))
         maximum.append(min(2 * rank, max(dim, rank)))
-        spectrum = group_spectrum(slices, config.scaling_vectors, None, group_data)
-        energy = float(spectrum.sum())
-        weight = sum(statistics[s.path].sensitivity for s in members)
-        gains.append((spectrum * (weight / energy)).tolist() if energy > 0 else [])
+        values = spectrum(gram)
+        energy = float(values.sum())
+        weight = sum(sensitivity[s.path] for s in members)
+        gains.append((values * (weight / energy)).tolist() if energy > 0 else [])
     if not any(g and g[0] > 0 for g in gains):
         return [rank for *_, rank in plans]  # nothing measured to tell the groups apart
     return allocate(costs, gains, budget, minimum, maximum)
@@ -240,7 +238,8 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig,
         plans.append((members, slices, owners, rank))
     data = [None if statistics is None else [_slice_data(statistics[site.path], t) for site, _, t in owners]
             for _, _, owners, _ in plans]
-    chosen, uniform = None, [rank for *_, rank in plans]
+    names = [[f'{site.path}.mlp.{name}.weight' for site, name, _ in owners] for _, _, owners, _ in plans]
+    chosen, uniform, grams = None, [rank for *_, rank in plans], [None] * len(plans)
     if config.ranks is not None:
         if len(config.ranks) != len(plans):
             raise ReduceError(f'fips: ranks lists {len(config.ranks)} ranks but the model has {len(plans)} groups '
@@ -249,15 +248,15 @@ def apply_fips(model: nn.Module, sites: list[MlpSite], config: FipsConfig,
     elif config.allocation == 'sensitivity':
         if plans[0][1][0].device.type == 'meta':
             raise ReduceError("fips: allocation='sensitivity' cannot be measured on the meta device; give ranks.")
-        ranks = chosen = _sensitivity_ranks(plans, config, statistics, data)
+        grams = [group_gram(plan[1], config.scaling_vectors, n, d) for plan, n, d in zip(plans, names, data)]
+        ranks = chosen = _sensitivity_ranks(plans, config, statistics, grams)
     else:
         ranks = uniform
     plans = [(members, slices, owners, r) for (members, slices, owners, _), r in zip(plans, ranks)]
     decomposed = []  # decompose every group (NaN checks included) before installing any
-    for (members, slices, owners, rank), group_data in zip(plans, data):
-        names = [f'{site.path}.mlp.{name}.weight' for site, name, _ in owners]
+    for (members, slices, owners, rank), group_names, group_data, gram in zip(plans, names, data, grams):
         decomposed.append(decompose_group(slices, rank, config.growth, config.beta, generator,
-                                          config.scaling_vectors, names, group_data))
+                                          config.scaling_vectors, group_names, group_data, gram))
     for (members, slices, owners, rank), parts in zip(plans, decomposed):
         basis = FipsBasis(parts.basis, [s.path for s in members])
         basis.weight.requires_grad_(any(getattr(s.mlp, n).weight.requires_grad for s, n, _ in owners))
