@@ -68,9 +68,7 @@ def _weighted_mean(shared: nn.Module, members: list[dict[str, torch.Tensor]], st
         # possibly huge, value there
         layer = shared.get_submodule(name)
         mean = layer.weight.detach().double().cpu()
-        values, vectors = torch.linalg.eigh(sum(moments))
-        inverse = torch.where(values > 1e-6 * float(values.max()), 1.0 / values, torch.zeros_like(values))
-        pinv = (vectors * inverse) @ vectors.T
+        pinv = torch.linalg.pinv(sum(moments), rtol=1e-6, hermitian=True)
         weight = mean + sum((m[f'{name}.weight'] - mean) @ s for m, s in zip(members, moments)) @ pinv
         layer.weight.copy_(weight.to(layer.weight))
     energies = [s.hidden_energy for s in stats]
