@@ -39,12 +39,13 @@ def test_allocate_is_optimal_for_equal_costs_and_near_optimal_otherwise(seed):
     rng = random.Random(seed)
     groups = 3
     gains = [sorted((rng.random() * rng.choice([0.1, 1, 10]) for _ in range(6)), reverse=True) for _ in range(groups)]
+    uniform, cap = [3] * groups, [6] * groups  # bounds max(1, 3 // 2) = 1 .. min(6, 2 * 3) = 6
     minimum, maximum = [1] * groups, [6] * groups
-    equal = allocate([5] * groups, gains, 5 * 9, minimum, maximum)
+    equal = allocate([5] * groups, gains, 5 * 9, uniform, cap)
     assert sum(equal) == 9 and _gain(gains, equal) == pytest.approx(_brute_force([5] * 3, gains, 45, minimum, maximum))
     costs = [rng.randint(2, 9) for _ in range(groups)]
     budget = rng.randint(sum(costs), 6 * sum(costs))
-    counts = allocate(costs, gains, budget, minimum, maximum)
+    counts = allocate(costs, gains, budget, uniform, cap)
     spent = sum(n * c for n, c in zip(counts, costs))
     assert spent <= budget
     assert all(lo <= n <= hi for n, lo, hi in zip(counts, minimum, maximum))
@@ -52,6 +53,19 @@ def test_allocate_is_optimal_for_equal_costs_and_near_optimal_otherwise(seed):
     assert not unsaturated or budget - spent < min(unsaturated)  # the budget is spent to within the cheapest step
     # greedy by gain per cost on non-increasing gains: within one step's gain of the integer optimum
     assert _gain(gains, counts) >= _brute_force(costs, gains, budget, minimum, maximum) - max(g[0] for g in gains)
+
+
+def test_allocate_keeps_the_uniform_counts_when_nothing_is_measured():
+    assert allocate([5, 5, 5], [[0.0, 0.0], [], [0.0]], 45, [2, 3, 4], [9, 9, 9]) == [2, 3, 4]
+    model = tiny_vit()
+    stats = _stats_with(model, [0.0, 0.0, 0.0, 0.0])
+    shallow = timm_reduce.reduce(copy.deepcopy(model), 'shallow', keep=0.25, allocation='sensitivity',
+                                 statistics=stats)
+    assert get_record(shallow).recipe[-1].options['keep'] == [32] * 4
+    fips = timm_reduce.reduce(copy.deepcopy(model), 'fips', budget=0.2, group_size=2, allocation='sensitivity',
+                              statistics=stats)
+    uniform = rank_for_budget(32, [128] * 4, 0.2, 0.75)
+    assert get_record(fips).recipe[-1].options['ranks'] == [uniform] * 2
 
 
 def test_allocate_refuses_a_budget_below_the_minimum():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ReduceError
-from ..core.allocation import allocate
+from ..core.allocation import allocate, weighted_shares
 from ..core.hidden_units import hidden_units, input_linears, select_units, unit_importance
 from ..core.registry import register_strategy
 from ..core.statistics import MlpStatistics, sensitivities
@@ -91,15 +91,9 @@ def _sensitivity_widths(sites: list, uniform: list[int], importances: list[torch
     """Units per block for `allocation='sensitivity'`, within the uniform widths' total of unit weights."""
     sensitivity = sensitivities(statistics, [s.path for s in sites], 'shallow', 'keep=[...] per block')
     costs = [_unit_cost(s.mlp) for s in sites]
-    gains = []
-    for site, score in zip(sites, importances):
-        energy = score.double().pow(2)
-        total = float(energy.sum())
-        share = energy.sort(descending=True).values / total if total > 0 else torch.zeros_like(energy)
-        gains.append((share * sensitivity[site.path]).tolist())
+    gains = [weighted_shares(score.double().pow(2), sensitivity[s.path]) for s, score in zip(sites, importances)]
     budget = sum(k * c for k, c in zip(uniform, costs))
-    return allocate(costs, gains, budget, [max(1, k // 2) for k in uniform],
-                    [min(hidden_units(s.mlp), 2 * k) for s, k in zip(sites, uniform)])
+    return allocate(costs, gains, budget, uniform, [hidden_units(s.mlp) for s in sites])
 
 
 @register_strategy('shallow', ShallowConfig, uses_statistics=True,

@@ -18,7 +18,7 @@ from ...errors import ReduceError
 from .decompose import SliceData, decompose_group, group_gram, rank_for_budget, spectrum
 from .layers import FipsBasis, FipsLinear
 from .sparsity import fips_layers, make_hooks, prune
-from ...core.allocation import allocate
+from ...core.allocation import allocate, weighted_shares
 from ...core.hidden_units import input_linears
 from ...core.registry import register_strategy
 from ...core.statistics import MlpStatistics, sensitivities
@@ -181,20 +181,14 @@ def _sensitivity_ranks(plans: list, config: FipsConfig, statistics: Mapping[str,
     sensitivity = sensitivities(statistics, [s.path for members, *_ in plans for s in members], 'fips',
                                 'ranks=[...] per group')
     keep = 1.0 - config.target_sparsity
-    costs, gains, budget, minimum, maximum = [], [], 0.0, [], []
+    costs, gains, budget, cap = [], [], 0.0, []
     for (members, slices, owners, rank), gram in zip(plans, grams):
         dim, total = slices[0].shape[0], sum(s.shape[1] for s in slices)
         costs.append(dim + keep * total)
         budget += config.budget * dim * total
-        minimum.append(max(1, rank // 2))
-        maximum.append(min(2 * rank, max(dim, rank)))
-        values = spectrum(gram)
-        energy = float(values.sum())
-        weight = sum(sensitivity[s.path] for s in members)
-        gains.append((values * (weight / energy)).tolist() if energy > 0 else [])
-    if not any(g and g[0] > 0 for g in gains):
-        return [rank for *_, rank in plans]  # nothing measured to tell the groups apart
-    return allocate(costs, gains, budget, minimum, maximum)
+        cap.append(max(dim, rank))  # components past d only grow the basis: not unless the uniform rank does
+        gains.append(weighted_shares(spectrum(gram), sum(sensitivity[s.path] for s in members)))
+    return allocate(costs, gains, budget, [rank for *_, rank in plans], cap)
 
 
 def _slice_data(stats: MlpStatistics, transposed: bool) -> SliceData:
